@@ -1,0 +1,115 @@
+"""Input checks and layout helpers shared by every GSA implementation.
+
+One place for the operator's shape contract (``../shared/design/gsa.md``): every entry point
+calls :func:`check_inputs` first, so a bad call fails with the same clear message whichever
+backend would have run it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class GSAInputError(ValueError):
+    """A GSA operator was called with inputs that break its contract."""
+
+
+@dataclass(frozen=True)
+class GSADims:
+    B: int  # batch (1 with cu_seqlens)
+    T: int  # tokens per row
+    HQ: int  # query heads
+    H: int  # kv heads (one state pair each)
+    K: int  # key / query dim
+    V: int  # value dim
+    M: int  # memory slots
+    N: int  # sequences: B, or len(cu_seqlens) - 1
+
+    @property
+    def G(self) -> int:
+        """Query heads per kv head (the GQA group size)."""
+        return self.HQ // self.H
+
+
+def _shape(name: str, x: torch.Tensor, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise GSAInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise GSAInputError(
+            f"{name} must have {ndim} dims (sequence-first [B, T, heads, dim]), got shape {tuple(x.shape)}"
+        )
+
+
+def check_inputs(q, k, v, s, g, initial_state=None, cu_seqlens=None) -> GSADims:
+    """Validate the operator's arguments and return their dimensions.
+
+    q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V], s and g [B, T, H, M];
+    initial_state ([N, H, K, M], [N, H, M, V]); cu_seqlens [N + 1] int, with B == 1.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("s", s), ("g", g)):
+        _shape(name, x, 4)
+    B, T, HQ, K = q.shape
+    H = k.shape[2]
+    V, M = v.shape[-1], s.shape[-1]
+    expect = {"k": (B, T, H, K), "v": (B, T, H, V), "s": (B, T, H, M), "g": (B, T, H, M)}
+    for name, x in (("k", k), ("v", v), ("s", s), ("g", g)):
+        if tuple(x.shape) != expect[name]:
+            raise GSAInputError(
+                f"{name} has shape {tuple(x.shape)}, expected {expect[name]} to match q {tuple(q.shape)} "
+                f"(k/v/s/g share [B, T, H]; s and g share the slot dim M)"
+            )
+    if H == 0 or HQ % H != 0:
+        raise GSAInputError(
+            f"query heads HQ={HQ} must be a positive multiple of kv heads H={H} (GQA groups of HQ // H)"
+        )
+    dtypes = {x.dtype for x in (q, k, v, s, g)}
+    if len(dtypes) != 1:
+        raise GSAInputError(f"q, k, v, s, g must share one dtype, got {sorted(str(d) for d in dtypes)}")
+    if not q.dtype.is_floating_point:
+        raise GSAInputError(f"inputs must be floating point, got {q.dtype}")
+    devices = {x.device for x in (q, k, v, s, g)}
+    if len(devices) != 1:
+        raise GSAInputError(f"q, k, v, s, g must be on one device, got {sorted(str(d) for d in devices)}")
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise GSAInputError(f"with cu_seqlens the batch must be packed into B=1, got B={B}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+            raise GSAInputError(
+                f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets, got "
+                f"shape {tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
+            )
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise GSAInputError(
+                f"cu_seqlens must start at 0, never decrease and end at T={T}; got {cu_seqlens.tolist()}"
+            )
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise GSAInputError("initial_state must be a pair (slot keys [N, H, K, M], slot values [N, H, M, V])")
+        hk, hv = initial_state
+        if tuple(hk.shape) != (N, H, K, M) or tuple(hv.shape) != (N, H, M, V):
+            raise GSAInputError(
+                f"initial_state shapes {tuple(hk.shape)}, {tuple(hv.shape)} do not match "
+                f"([N, H, K, M], [N, H, M, V]) = ({(N, H, K, M)}, {(N, H, M, V)})"
+            )
+    return GSADims(B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, N=N)
+
+
+def default_scale(scale, K: int) -> float:
+    return K ** -0.5 if scale is None else float(scale)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gates, softmax and states run in fp32 (fp64 when the inputs are fp64, for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sequence_spans(dims: GSADims, cu_seqlens) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each sequence, in state order."""
+    if cu_seqlens is None:
+        return [(b, 0, dims.T) for b in range(dims.B)]
+    bounds = cu_seqlens.tolist()
+    return [(0, bounds[n], bounds[n + 1]) for n in range(dims.N)]
