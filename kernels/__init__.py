@@ -1,0 +1,1 @@
+"""Triton GPU kernels and their torch fallbacks (installed as ``t2r.kernels``)."""

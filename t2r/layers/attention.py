@@ -1,0 +1,98 @@
+"""Softmax attention of the teacher families (Llama, Mistral, Qwen2), and what every attention
+layer of a forward pass shares: positions, padding and packed-document boundaries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rotary import apply_rotary
+
+
+@dataclass
+class AttentionContext:
+    """Built once per model forward and read by every attention layer.
+
+    cos, sin:   RoPE tables [B, T, 1, D] for this forward's tokens.
+    key_mask:   [B, past + T] bool, False at padding (None: no padding).
+    cu_seqlens: [N + 1] offsets of packed documents over the flattened B * T tokens (None: one
+                sequence per row). Only without a cache.
+    doc_ids:    [B, T] document index of each token, the same boundaries as cu_seqlens.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+
+    def token_mask(self, T: int) -> torch.Tensor | None:
+        """[B, T] bool for this forward's own tokens (None: all real)."""
+        return None if self.key_mask is None else self.key_mask[:, -T:]
+
+
+def softmax_mask(ctx: AttentionContext, T: int, S: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean SDPA mask [B|1, 1, T, S] for T queries over S keys (the last T are the queries),
+    or None when plain causal attention over exactly these tokens (or one query over all) is right."""
+    past = S - T
+    windowed = window is not None and S > window
+    if ctx.key_mask is None and ctx.doc_ids is None and not windowed and (past == 0 or T == 1):
+        return None
+    qi = torch.arange(past, S, device=device)[:, None]
+    kj = torch.arange(S, device=device)[None, :]
+    allowed = (kj <= qi)[None]
+    if windowed:
+        allowed = allowed & ((qi - kj) < window)
+    if ctx.key_mask is not None:
+        allowed = allowed & ctx.key_mask[:, None, :].bool()
+    if ctx.doc_ids is not None:
+        allowed = allowed & (ctx.doc_ids[:, :, None] == ctx.doc_ids[:, None, :])
+    # A padding row sees at least itself: its output is discarded, but must not be NaN.
+    allowed = allowed | (qi == kj)[None]
+    return allowed[:, None]
+
+
+class SoftmaxAttention(nn.Module):
+    """The teacher's attention block: q/k/v/o projections (names kept for LoRA and weight
+    loading), RoPE, GQA, optional sliding window; a KV cache when generating."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        hidden, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=config.o_bias)
+        self.window = config.window(layer_idx)
+
+    def project(self, x: torch.Tensor, ctx: AttentionContext, rope: bool = True):
+        """q [B, T, HQ, D], k and v [B, T, H, D], RoPE applied to q and k when ``rope``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if rope:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        return q, k, v
+
+    def softmax_forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, ctx)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)
+        S = k.shape[1]
+        mask = softmax_mask(ctx, T, S, self.window, x.device)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None and T > 1, scale=self.head_dim ** -0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
+        return self.softmax_forward(x, ctx, cache)

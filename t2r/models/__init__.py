@@ -1,0 +1,5 @@
+from .cache import T2RCache
+from .configuration_t2r import T2RConfig
+from .modeling_t2r import T2RForCausalLM, T2RModel, output_cache
+
+__all__ = ["T2RCache", "T2RConfig", "T2RForCausalLM", "T2RModel", "output_cache"]

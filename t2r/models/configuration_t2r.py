@@ -1,0 +1,116 @@
+"""T2RConfig: a Llama/Mistral/Qwen2-family decoder whose attention layers may be Gated Slot Attention."""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+FEATURE_MAPS = ("swish", "relu", "identity", "elu1")
+V_ACTIVATIONS = ("silu", "identity")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+class T2RConfig(PretrainedConfig):
+    r"""Configuration of a converted (Transformer-to-RNN) model.
+
+    The first block of fields describes the teacher decoder (copied from its config at
+    conversion). ``gsa_layers`` lists the layers whose softmax attention was replaced by Gated
+    Slot Attention; every other layer keeps softmax attention (a hybrid). The ``gsa_*`` and
+    slot fields are the conversion options (``../shared/design/gsa.md`` section 2).
+    """
+
+    model_type = "t2r"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    # the teacher decoder
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # teacher's softmax kind per layer: full_attention | sliding_attention
+    base_model_type: str = "llama"
+    base_model_name_or_path: str | None = None
+    # the conversion
+    gsa_layers: list[int] | None = None  # None: every layer
+    num_slots: int = 64
+    gate_logit_normalizer: float = 8.0
+    feature_map: str = "swish"
+    use_rope: bool = False
+    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** -0.5 otherwise
+    v_activation: str = "silu"
+    output_norm: bool = True
+    gsa_norm_eps: float = 1e-5
+    gsa_backend: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        if self.gsa_layers is None:
+            self.gsa_layers = list(range(self.num_hidden_layers))
+        self.gsa_layers = sorted(int(i) for i in self.gsa_layers)
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming any field whose value the model cannot run with."""
+        L = self.num_hidden_layers
+        bad = [i for i in self.gsa_layers if not 0 <= i < L]
+        if bad:
+            raise ValueError(f"gsa_layers {bad} out of range: the model has layers 0..{L - 1}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        choices = {"feature_map": FEATURE_MAPS, "v_activation": V_ACTIVATIONS,
+                   "gsa_backend": ("auto", "torch", "triton")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.num_slots < 1 or self.gate_logit_normalizer <= 0:
+            raise ValueError(
+                f"num_slots must be >= 1 and gate_logit_normalizer > 0, got {self.num_slots}, "
+                f"{self.gate_logit_normalizer}"
+            )
+        if len(self.layer_types) != L:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {L} layers")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"RoPE type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+
+    @property
+    def gsa_logit_scale(self) -> float:
+        if self.gsa_scale is not None:
+            return float(self.gsa_scale)
+        return 1.0 if self.feature_map == "swish" else self.head_dim ** -0.5
+
+    def is_gsa_layer(self, layer_idx: int) -> bool:
+        return layer_idx in self.gsa_layers
+
+    def window(self, layer_idx: int) -> int | None:
+        """The teacher's sliding window at this layer (None: full causal attention)."""
+        return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None

@@ -1,0 +1,1 @@
+"""Training: config schema, data, stages, loop."""
