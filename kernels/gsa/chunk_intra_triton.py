@@ -1,0 +1,128 @@
+"""Intra-chunk building blocks shared by the chunked GSA Triton kernels.
+
+Inside a chunk of C tokens, with b = cumsum(g) per slot from the chunk start, every pass uses
+the decay D[t, i, m] = exp(b[t, m] - b[i, m]) for i <= t. Three contractions appear:
+
+    op1   Y[t, m] = sum_{i<t} X[t, i] F[i, m] D[t, i, m]     (slot logits; dp)
+    op1t  Y[i, m] = sum_{t>i} X[t, i] F[t, m] D[t, i, m]     (ds)
+    op2   X[t, i] = sum_m P[t, m] F[i, m] D[t, i, m], i <= t (pass-2 scores; dq/dk scores)
+
+op1 and op1t leave out the diagonal i = t (D = 1 there; callers add X[t, t] F[t] themselves):
+the gate gradient needs the off-diagonal parts alone, because the diagonal terms cancel exactly
+between the query side and the key side, and subtracting them in floating point would leave
+rounding noise far above the true gradient when the forget gates are near 0.
+
+Two exact evaluations, chosen per (chunk, kv head) at run time:
+
+* factored: D = exp(b_t) * exp(-b_i), one tensor-core product. Used only when every |b| in the
+  chunk is <= THRESH, so exp(-b) <= e^THRESH cannot overflow (and nothing is multiplied by inf).
+* pairwise: a loop over the C key positions with exp(min(b_t - b_j, 0)) masked to i <= t. Exact
+  for any gates (e.g. g = -30 per step, forget gates near 0); slower, taken only for such chunks.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Largest |cumulative log gate| inside a chunk for which the factored form is used.
+THRESH = 40.0
+
+
+@triton.jit
+def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, THR: tl.constexpr):
+    """Load g [C, BM] of one chunk and kv head; return b = cumsum(g), b at the chunk end,
+    exp(b), exp(-b) (clamped, used only when safe) and the run-time flag `safe`."""
+    gg = tl.load(g_ptr + base + o_t[:, None] * row_stride + o_m[None, :],
+                 mask=m_t[:, None] & m_m[None, :], other=0.).to(tl.float32)
+    b = tl.cumsum(gg, 0)
+    b_end = tl.sum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
+    safe = tl.max(tl.max(tl.abs(b), 1), 0) <= THR
+    eb = tl.exp(tl.minimum(b, THR))
+    enb = tl.exp(tl.minimum(-b, THR))
+    return b, b_end, eb, enb, safe
+
+
+@triton.jit
+def _row(x, o, j):
+    """Row j of a [C, N] register tile, as [N]."""
+    return tl.sum(tl.where(o[:, None] == j, x, 0.), 0)
+
+
+@triton.jit
+def _col(x, o, j):
+    """Column j of a [C, C] register tile, as [C]."""
+    return tl.sum(tl.where(o[None, :] == j, x, 0.), 1)
+
+
+@triton.jit
+def diag(X, C: tl.constexpr):
+    """X[t, t] of a [C, C] tile, as [C]."""
+    o = tl.arange(0, C)
+    return tl.sum(tl.where(o[:, None] == o[None, :], X, 0.), 1)
+
+
+@triton.jit
+def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Y[t, m] = sum_{i<t} X[t, i] F[i, m] exp(b[t, m] - b[i, m]).
+
+    X [C, C] fp32, F [C, BM] fp32, Fn = (F * exp(-b)) in DT (factored operand), b/eb [C, BM].
+    """
+    o = tl.arange(0, C)
+    Xc = tl.where(o[:, None] > o[None, :], X, 0.)
+    if safe:
+        Y = eb * tl.dot(Xc.to(DT), Fn, input_precision=PREC)
+    else:
+        Y = tl.zeros_like(F)
+        for j in range(C):
+            xj = _col(Xc, o, j)
+            fj = _row(F, o, j)
+            bj = _row(b, o, j)
+            Y += xj[:, None] * (fj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.)))
+    return Y
+
+
+@triton.jit
+def op1t(X, F, b, eb, enb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Y[i, m] = sum_{t>i} X[t, i] F[t, m] exp(b[t, m] - b[i, m]).  X [C, C], F [C, BM] fp32."""
+    o = tl.arange(0, C)
+    Xc = tl.where(o[:, None] > o[None, :], X, 0.)
+    if safe:
+        Y = enb * tl.dot(tl.trans(Xc).to(DT), (F * eb).to(DT), input_precision=PREC)
+    else:
+        Y = tl.zeros_like(F)
+        for j in range(C):
+            xj = _col(Xc, o, j)
+            bj = _row(b, o, j)
+            yj = tl.sum(xj[:, None] * F * tl.exp(tl.minimum(b - bj[None, :], 0.)), 0)
+            Y = tl.where(o[:, None] == j, yj[None, :], Y)
+    return Y
+
+
+@triton.jit
+def op2(P, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """X[t, i] = sum_m P[t, m] F[i, m] exp(b[t, m] - b[i, m]) for i <= t, else 0.
+
+    P, F [C, BM] fp32; Fn = (F * exp(-b)) in DT. Returns [C, C] fp32.
+    """
+    o = tl.arange(0, C)
+    causal = o[:, None] >= o[None, :]
+    if safe:
+        X = tl.dot((P * eb).to(DT), tl.trans(Fn), input_precision=PREC)
+        X = tl.where(causal, X, 0.)
+    else:
+        X = tl.zeros([C, C], dtype=tl.float32)
+        for j in range(C):
+            fj = _row(F, o, j)
+            bj = _row(b, o, j)
+            xj = tl.sum(P * (fj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.))), 1)
+            X = tl.where((o[None, :] == j) & causal, xj[:, None], X)
+    return X
+
+
+@triton.jit
+def masked_softmax(Z, m_m):
+    """Row softmax over the slots of Z [C, BM] (fp32); padded slots get probability 0."""
+    Zm = tl.where(m_m[None, :], Z, float("-inf"))
+    mx = tl.max(Zm, 1)
+    e = tl.exp(Zm - mx[:, None])
+    return e / tl.sum(e, 1)[:, None]

@@ -1,0 +1,144 @@
+"""Chunk-boundary states of chunked GSA: the forward snapshots and the backward state gradients.
+
+Per kv head both states are "X^T W" sums over tokens with a per-slot decay, so one kernel shape
+serves both: a program owns a [BD, M] tile of one state (rows of the slot keys [K, M], or
+columns of the slot values [M, V] seen transposed) and walks the chunks of one sequence.
+
+forward   H_{j+1} = exp(b_end) * H_j + x^T (s * exp(b_end - b))          x = k or v
+backward  dS_{j-1} = exp(b_end) * dS_j + sum_{query heads} x^T (f * exp(b))
+          x = q, f = dY (grad of the unscaled slot logits), or x = dO, f = p (slot probabilities)
+
+Snapshots: sequence n owns entries off_n .. off_n + nchunks; forward entry off_n + j is the state
+entering chunk j (the last one is the final state); backward entry off_n + j is the gradient of
+the state leaving chunk j. Every exponent here is <= 0: no overflow for any gate.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_intra_triton import THRESH, chunk_gates
+
+
+@triton.jit
+def _fwd_state_kernel(x, s, g, h0, snap, ht, seq, H: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
+                      sd: tl.constexpr, sm: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                      BM: tl.constexpr, USE_H0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      THR: tl.constexpr):
+    pd, nh = tl.program_id(0), tl.program_id(1)
+    n, h = nh // H, nh % H
+    bos = tl.load(seq + n * 3).to(tl.int64)
+    eos = tl.load(seq + n * 3 + 1).to(tl.int64)
+    soff = tl.load(seq + n * 3 + 2).to(tl.int64)
+    o_t = tl.arange(0, C)
+    o_d = pd * BD + tl.arange(0, BD)
+    o_m = tl.arange(0, BM)
+    m_d, m_m = o_d < D, o_m < M
+    st = o_d[:, None] * sd + o_m[None, :] * sm
+    m_st = m_d[:, None] & m_m[None, :]
+    if USE_H0:
+        hs = tl.load(h0 + nh * (D * M) + st, mask=m_st, other=0.).to(tl.float32)
+    else:
+        hs = tl.zeros([BD, BM], dtype=tl.float32)
+    nc = tl.cdiv(eos - bos, C)
+    for j in range(nc):
+        tl.store(snap + ((soff + j) * H + h) * (D * M) + st, hs.to(snap.dtype.element_ty), mask=m_st)
+        rows = bos + j * C + o_t
+        m_t = rows < eos
+        xg = tl.load(x + rows[:, None] * (H * D) + h * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                     other=0.).to(DT)
+        sg = tl.load(s + rows[:, None] * (H * M) + h * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :],
+                     other=0.).to(tl.float32)
+        b, b_end, eb, enb, safe = chunk_gates(g, bos * (H * M) + j * C * (H * M) + h * M, H * M, o_t, m_t,
+                                              o_m, m_m, C, THR)
+        w = sg * tl.exp(b_end[None, :] - b)
+        hs = hs * tl.exp(b_end)[None, :] + tl.dot(tl.trans(xg), w.to(DT), input_precision=PREC)
+    tl.store(snap + ((soff + nc) * H + h) * (D * M) + st, hs.to(snap.dtype.element_ty), mask=m_st)
+    tl.store(ht + nh * (D * M) + st, hs, mask=m_st)
+
+
+@triton.jit
+def _bwd_state_kernel(x, f, g, dht, dsnap, dh0, seq, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                      M: tl.constexpr, sd: tl.constexpr, sm: tl.constexpr, C: tl.constexpr,
+                      BD: tl.constexpr, BM: tl.constexpr, USE_DHT: tl.constexpr, DT: tl.constexpr,
+                      PREC: tl.constexpr, THR: tl.constexpr):
+    pd, nh = tl.program_id(0), tl.program_id(1)
+    n, h = nh // H, nh % H
+    bos = tl.load(seq + n * 3).to(tl.int64)
+    eos = tl.load(seq + n * 3 + 1).to(tl.int64)
+    soff = tl.load(seq + n * 3 + 2).to(tl.int64)
+    o_t = tl.arange(0, C)
+    o_d = pd * BD + tl.arange(0, BD)
+    o_m = tl.arange(0, BM)
+    m_d, m_m = o_d < D, o_m < M
+    st = o_d[:, None] * sd + o_m[None, :] * sm
+    m_st = m_d[:, None] & m_m[None, :]
+    if USE_DHT:
+        hs = tl.load(dht + nh * (D * M) + st, mask=m_st, other=0.).to(tl.float32)
+    else:
+        hs = tl.zeros([BD, BM], dtype=tl.float32)
+    nc = tl.cdiv(eos - bos, C)
+    for jj in range(nc):
+        j = nc - 1 - jj
+        tl.store(dsnap + ((soff + j) * H + h) * (D * M) + st, hs.to(dsnap.dtype.element_ty), mask=m_st)
+        rows = bos + j * C + o_t
+        m_t = rows < eos
+        b, b_end, eb, enb, safe = chunk_gates(g, bos * (H * M) + j * C * (H * M) + h * M, H * M, o_t, m_t,
+                                              o_m, m_m, C, THR)
+        u = tl.zeros([BD, BM], dtype=tl.float32)
+        for i in range(G):
+            hq = h * G + i
+            xg = tl.load(x + rows[:, None] * (H * G * D) + hq * D + o_d[None, :],
+                         mask=m_t[:, None] & m_d[None, :], other=0.).to(DT)
+            fg = tl.load(f + rows[:, None] * (H * G * M) + hq * M + o_m[None, :],
+                         mask=m_t[:, None] & m_m[None, :], other=0.).to(tl.float32)
+            u += tl.dot(tl.trans(xg), (fg * eb).to(DT), input_precision=PREC)
+        hs = hs * tl.exp(b_end)[None, :] + u
+    tl.store(dh0 + nh * (D * M) + st, hs, mask=m_st)
+
+
+def _block_d(D: int, programs: int) -> int:
+    """Tile rows per program: 64, or fewer when there are too few (sequence, head) pairs to fill the GPU."""
+    bd = min(64, max(16, triton.next_power_of_2(D)))
+    while bd > 16 and programs * triton.cdiv(D, bd) < 256:
+        bd //= 2
+    return bd
+
+
+def forward_states(p, seq, n_snap, C, num_warps=4, num_stages=2):
+    """Snapshots of both states entering every chunk, plus the fp32 final states."""
+    d = p.dims
+    dev = p.q.device
+    snap_k = torch.empty(n_snap, d.H, d.K, d.M, device=dev, dtype=p.snap_dtype)
+    snap_v = torch.empty(n_snap, d.H, d.M, d.V, device=dev, dtype=p.snap_dtype)
+    ht_k = torch.empty(d.N, d.H, d.K, d.M, device=dev, dtype=torch.float32)
+    ht_v = torch.empty(d.N, d.H, d.M, d.V, device=dev, dtype=torch.float32)
+    use_h0 = p.hk0 is not None
+    for x, D, h0, snap, ht, sd, sm in ((p.k, d.K, p.hk0, snap_k, ht_k, d.M, 1),
+                                       (p.v, d.V, p.hv0, snap_v, ht_v, 1, d.V)):
+        BD = _block_d(D, d.N * d.H)
+        _fwd_state_kernel[(triton.cdiv(D, BD), d.N * d.H)](
+            x, p.s, p.g, h0 if use_h0 else ht, snap, ht, seq, H=d.H, D=D, M=d.M, sd=sd, sm=sm, C=C,
+            BD=BD, BM=p.BM, USE_H0=use_h0, DT=p.DT, PREC=p.PREC, THR=THRESH,
+            num_warps=num_warps, num_stages=num_stages)
+    return snap_k, snap_v, ht_k, ht_v
+
+
+def backward_states(p, q, do, dy, prob, dht_k, dht_v, seq, n_snap, C, num_warps=4, num_stages=2):
+    """Gradients of the states leaving every chunk (dS) and of the initial states (fp32)."""
+    d = p.dims
+    dev = q.device
+    ds_k = torch.empty(n_snap, d.H, d.K, d.M, device=dev, dtype=p.snap_dtype)
+    ds_v = torch.empty(n_snap, d.H, d.M, d.V, device=dev, dtype=p.snap_dtype)
+    dh0_k = torch.empty(d.N, d.H, d.K, d.M, device=dev, dtype=torch.float32)
+    dh0_v = torch.empty(d.N, d.H, d.M, d.V, device=dev, dtype=torch.float32)
+    use_dht = dht_k is not None
+    for x, f, D, dht, dsn, dh0, sd, sm in ((q, dy, d.K, dht_k, ds_k, dh0_k, d.M, 1),
+                                           (do, prob, d.V, dht_v, ds_v, dh0_v, 1, d.V)):
+        BD = _block_d(D, d.N * d.H)
+        _bwd_state_kernel[(triton.cdiv(D, BD), d.N * d.H)](
+            x, f, p.g, dht if use_dht else dh0, dsn, dh0, seq, H=d.H, G=d.G, D=D, M=d.M, sd=sd, sm=sm,
+            C=C, BD=BD, BM=p.BM, USE_DHT=use_dht, DT=p.DT, PREC=p.PREC, THR=THRESH,
+            num_warps=num_warps, num_stages=num_stages)
+    return ds_k, ds_v, dh0_k, dh0_v

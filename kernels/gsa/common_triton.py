@@ -1,0 +1,113 @@
+"""What the GSA Triton entry points share: which inputs the kernels take, and the sequence tables.
+
+Both ``chunk_gsa_triton`` and ``fused_recurrent_gsa_triton`` call :func:`prepare` after the
+operator's shape contract (:func:`utils.check_inputs`); anything the kernels cannot take raises
+:class:`GSAInputError` here rather than producing wrong numbers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import GSADims, GSAInputError, check_inputs, default_scale, sequence_spans
+
+SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
+MAX_DIM = 128  # K, V and M above this do not fit the register tiles
+
+
+@dataclass
+class Prepared:
+    dims: GSADims
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    s: torch.Tensor
+    g: torch.Tensor
+    scale: float
+    hk0: torch.Tensor | None
+    hv0: torch.Tensor | None
+    spans: list  # (row, start, end) per sequence
+    varlen: bool
+    BK: int
+    BV: int
+    BM: int
+    DT: object  # tl dtype of tensor-core operands
+    PREC: str  # tl.dot input precision
+    snap_dtype: torch.dtype  # dtype of per-chunk state snapshots
+
+
+def block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepared:
+    dims = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
+    if q.dtype not in SUPPORTED:
+        raise GSAInputError(
+            f"{what}: the Triton kernels take bfloat16, float16 or float32 inputs, got {q.dtype}; "
+            f"use backend='torch' for other dtypes"
+        )
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise GSAInputError(f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    for name, n in (("K (key dim)", dims.K), ("V (value dim)", dims.V), ("M (slots)", dims.M)):
+        if n < 1 or n > MAX_DIM:
+            raise GSAInputError(f"{what}: {name} = {n} is not supported by the Triton kernels (1..{MAX_DIM})")
+    hk0 = hv0 = None
+    if initial_state is not None:
+        hk0, hv0 = initial_state
+        for name, x in (("initial_state[0]", hk0), ("initial_state[1]", hv0)):
+            if x.device != q.device:
+                raise GSAInputError(f"{what}: {name} is on {x.device}, inputs are on {q.device}")
+            if not x.dtype.is_floating_point or x.dtype == torch.float64:
+                raise GSAInputError(f"{what}: {name} must be a float32 state, got {x.dtype}")
+        hk0, hv0 = hk0.float().contiguous(), hv0.float().contiguous()
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        cu_seqlens = cu_seqlens.to(q.device)
+    spans = sequence_spans(dims, cu_seqlens)
+    # fp32 inputs: fp32 (IEEE) tensor-core operands. The Triton interpreter multiplies bf16 tiles
+    # as raw integers (triton 3.9), so on CPU the operands stay fp32 whatever the input dtype.
+    fp32 = q.dtype == torch.float32 or not q.is_cuda
+    return Prepared(
+        dims=dims, q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), s=s.contiguous(),
+        g=g.contiguous(), scale=default_scale(scale, dims.K), hk0=hk0, hv0=hv0, spans=spans,
+        varlen=cu_seqlens is not None,
+        BK=block(dims.K), BV=block(dims.V), BM=block(dims.M),
+        DT=tl.float32 if fp32 else tl.bfloat16, PREC="ieee" if fp32 else "tf32",
+        snap_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
+    )
+
+
+_TABLES: dict = {}
+
+
+def chunk_tables(p: Prepared, C: int):
+    """Per-sequence and per-chunk int32 tables on the inputs' device.
+
+    seq  [N, 3]:  bos, eos (flattened token rows), offset of its first state snapshot
+    chunk [NC, 3]: first token row, length (<= C), index of the snapshot entering the chunk
+    Sequence n owns ceil(len / C) + 1 snapshots (the last one is its final state).
+    Returns (seq, chunk, number of snapshots, number of chunks).
+    """
+    d = p.dims
+    key = None if p.varlen else (d.B, d.T, C, str(p.q.device))
+    if key is not None and key in _TABLES:
+        return _TABLES[key]
+    seq, chunk, off = [], [], 0
+    for row, start, end in p.spans:
+        bos, eos = row * d.T + start, row * d.T + end
+        nc = -(-(eos - bos) // C)
+        seq.append((bos, eos, off))
+        chunk.extend((bos + j * C, min(C, eos - bos - j * C), off + j) for j in range(nc))
+        off += nc + 1
+    seq_t = torch.tensor(seq, dtype=torch.int32).view(-1, 3).to(p.q.device)
+    chunk_t = torch.tensor(chunk, dtype=torch.int32).view(-1, 3).to(p.q.device)
+    out = (seq_t, chunk_t, off, len(chunk))
+    if key is not None:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = out
+    return out

@@ -1,0 +1,71 @@
+"""``t2r generate``: load a converted (or any causal LM) folder and stream a completion."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .hub import T2RError
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
+    """(model, tokenizer) from a converted folder, on ``device``, in eval mode."""
+    import t2r  # noqa: F401  (registers the t2r model type)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .convert import DTYPES
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise T2RError(f"{path} is not a model folder (no config.json); convert one first: t2r convert MODEL --out DIR")
+    dev = pick_device(device)
+    torch_dtype = DTYPES[dtype] or ("auto" if dev.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> dict:
+    """Token ids for ``prompt``; through the chat template when the tokenizer has one (``chat=None``)."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise T2RError("--chat was given but this tokenizer has no chat template; drop --chat")
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool | None = None,
+                  temperature: float = 0.0, stream: bool = True) -> tuple[str, dict]:
+    """Greedy (temperature 0) or sampled completion of ``prompt``; printed as it is made when ``stream``.
+
+    Returns the text and stats: new tokens, seconds, and the bytes of the cache at the end.
+    """
+    from transformers import TextStreamer
+
+    from .models import output_cache
+
+    if max_new_tokens < 1:
+        raise T2RError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    enc = {k: v.to(model.device) for k, v in encode_prompt(tokenizer, prompt, chat).items()}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.time()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad,
+                             return_dict_in_generate=True, **sampling)
+    new = out.sequences[0, enc["input_ids"].shape[1]:]
+    cache = output_cache(out)
+    stats = {"prompt_tokens": enc["input_ids"].shape[1], "new_tokens": len(new), "seconds": time.time() - start,
+             "cache_bytes": cache.nbytes() if hasattr(cache, "nbytes") else None}
+    return tokenizer.decode(new, skip_special_tokens=True), stats
