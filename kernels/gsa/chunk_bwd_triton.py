@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd_triton import chunk_logits
-from .chunk_intra_triton import THRESH, chunk_gates, diag, op1, op1t, op2
+from .chunk_intra_triton import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op1t, op2
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _bwd_qk_kernel(q, k, s, g, snap_k, ds_k, dy, r, dq, dk, dsa, chunks, H: tl.c
     off = rows[:, None] * (H * M) + h * M + o_m[None, :]
     tl.store(dsa + off, ds_acc + ds_dia + to_end * kd, mask=m_tm)
     db = tl.load(r + off, mask=m_tm, other=0.) - s_t * ds_acc
-    dg_t = tl.cumsum(db, 0, reverse=True) + (tl.cumsum(wkd, 0) - wkd) + carry[None, :]
+    dg_t = tl.cumsum(db, 0, reverse=True) + exclusive_cumsum(wkd) + carry[None, :]
     tl.store(r + off, dg_t, mask=m_tm)
 
 
@@ -165,7 +165,7 @@ def _bwd_vg_kernel(v, s, g, snap_v, ds_v, do, prob, r, dsa, dv, ds, dg, chunks, 
     wvd = w * vd
     carry = tl.exp(b_end) * tl.sum(dsv.to(tl.float32) * hv.to(tl.float32), 1)
     off = rows[:, None] * (H * M) + h * M + o_m[None, :]
-    dg_t = tl.cumsum(-s_t * ds_acc, 0, reverse=True) + (tl.cumsum(wvd, 0) - wvd) + carry[None, :]
+    dg_t = tl.cumsum(-s_t * ds_acc, 0, reverse=True) + exclusive_cumsum(wvd) + carry[None, :]
     dg_t += tl.load(r + off, mask=m_tm, other=0.)
     ds_acc += ds_dia + to_end * vd + tl.load(dsa + off, mask=m_tm, other=0.)
     tl.store(dv + rows[:, None] * (H * V) + h * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)
@@ -177,7 +177,7 @@ def backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_s
     """p (slot probabilities), dY = scale * dZ (both [B, T, HQ, M]) and R [B, T, H, M] (fp32)."""
     d = p.dims
     dev = p.q.device
-    prob = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.snap_dtype)
+    prob = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.act_dtype)
     dy = torch.empty_like(prob)
     r = torch.empty(d.B, d.T, d.H, d.M, device=dev, dtype=torch.float32)
     if n_chunks:

@@ -120,6 +120,18 @@ def op2(P, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.const
 
 
 @triton.jit
+def _excl_combine(a1, b1, a2, b2):
+    return a1 + b1 + a2, b2
+
+
+@triton.jit
+def exclusive_cumsum(x):
+    """sum_{i<t} x[i] along axis 0, by additions only (inclusive cumsum minus x[t] would cancel
+    catastrophically when x[t] dominates the sum, e.g. a token's own undecayed state write)."""
+    return tl.associative_scan((tl.zeros_like(x), x), 0, _excl_combine)[0]
+
+
+@triton.jit
 def masked_softmax(Z, m_m):
     """Row softmax over the slots of Z [C, BM] (fp32); padded slots get probability 0."""
     Zm = tl.where(m_m[None, :], Z, float("-inf"))

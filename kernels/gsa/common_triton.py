@@ -37,7 +37,8 @@ class Prepared:
     BM: int
     DT: object  # tl dtype of tensor-core operands
     PREC: str  # tl.dot input precision
-    snap_dtype: torch.dtype  # dtype of per-chunk state snapshots
+    snap_dtype: torch.dtype  # dtype of per-chunk state snapshots (and their gradients)
+    act_dtype: torch.dtype  # dtype of the slot probabilities and logit gradients kept for backward
 
 
 def block(n: int) -> int:
@@ -78,6 +79,7 @@ def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepa
         BK=block(dims.K), BV=block(dims.V), BM=block(dims.M),
         DT=tl.float32 if fp32 else tl.bfloat16, PREC="ieee" if fp32 else "tf32",
         snap_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
+        act_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
     )
 
 
