@@ -36,6 +36,14 @@ ALIASES: dict[str, str] = {
     "tiny-random-qwen2": "tiny:qwen2",
 }
 
+# licenses of the aliased checkpoints, carried into model cards
+ALIAS_LICENSES: dict[str, str] = {
+    "mistral-7b": "apache-2.0", "mistral-7b-instruct": "apache-2.0", "llama-3-8b": "llama3",
+    "llama-3-8b-instruct": "llama3", "llama-3.1-8b": "llama3.1", "llama-3.2-1b": "llama3.2",
+    "llama-3.2-3b": "llama3.2", "qwen2.5-0.5b": "apache-2.0", "qwen2.5-1.5b": "apache-2.0",
+    "qwen2.5-7b": "apache-2.0", "smollm2-135m": "apache-2.0", "smollm2-135m-hub": "apache-2.0",
+}
+
 
 @dataclass(frozen=True)
 class ModelSource:

@@ -49,7 +49,9 @@ class GatedSlotAttention(SoftmaxAttention):
         self.tau = config.gate_logit_normalizer
         self.use_rope = config.use_rope
         self.backend = None if config.gsa_backend == "auto" else config.gsa_backend
-        self.as_teacher = False
+        self.as_teacher = False  # run the teacher's softmax attention instead
+        self.transfer = False  # attention transfer (see transfer_forward)
+        self.transfer_error: torch.Tensor | None = None
 
     def gsa_inputs(self, x: torch.Tensor, ctx: AttentionContext):
         """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, D], s and g [B, T, H, M] for the operator."""
@@ -80,7 +82,18 @@ class GatedSlotAttention(SoftmaxAttention):
             o = self.g_norm(F.silu(o))
         return self.o_proj(o.reshape(B, T, -1))
 
+    def transfer_forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Attention transfer: return the teacher's output (so the next layer sees the teacher's
+        hidden states) and keep this layer's per-token squared error [B, T] in ``transfer_error``."""
+        with torch.no_grad():
+            teacher = self.softmax_forward(x, ctx)
+        student = self.gsa_forward(x.detach(), ctx)
+        self.transfer_error = (student.float() - teacher.float()).pow(2).mean(-1)
+        return teacher
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
         if self.as_teacher:
             return self.softmax_forward(x, ctx, cache)
+        if self.transfer:
+            return self.transfer_forward(x, ctx)
         return self.gsa_forward(x, ctx, cache)

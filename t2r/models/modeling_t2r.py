@@ -170,10 +170,18 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None, cu_seqlens=None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False, return_dict=None, **kwargs):
+                logits_to_keep: int = 0, output_hidden_states: bool = False, attention_transfer: bool = False,
+                return_dict=None, **kwargs):
         """Causal LM forward. ``cu_seqlens`` ([N + 1] offsets over the flattened batch) marks
         packed documents: no state or attention crosses a boundary. ``labels`` are shifted inside;
-        -100 is ignored."""
+        -100 is ignored.
+
+        ``attention_transfer=True``: every GSA layer is fed the teacher's hidden states and the
+        output's ``loss`` is the sum over GSA layers and real tokens of the per-token mean squared
+        error between the layer's output and the teacher's softmax attention output (no logits).
+        """
+        if attention_transfer:
+            return self._attention_transfer(input_ids, attention_mask, position_ids, cu_seqlens)
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
         if use_cache and cache is None and cu_seqlens is None:
@@ -202,6 +210,20 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             inputs["input_ids"] = input_ids[:, seen:]
         return inputs
 
+    def _attention_transfer(self, input_ids, attention_mask, position_ids, cu_seqlens):
+        layers = [m for m in self.modules() if isinstance(m, GatedSlotAttention)]
+        for m in layers:
+            m.transfer = True
+        try:
+            self.model(input_ids, attention_mask, position_ids, None, None, cu_seqlens)
+            errors = torch.stack([m.transfer_error for m in layers]).sum(0)  # [B, T]
+        finally:
+            for m in layers:
+                m.transfer, m.transfer_error = False, None
+        if attention_mask is not None:
+            errors = errors * attention_mask[:, -errors.shape[1]:].to(errors.dtype)
+        return CausalLMOutputWithPast(loss=errors.sum())
+
     @contextlib.contextmanager
     def teacher_mode(self):
         """Run every GSA layer as the teacher's softmax attention (same weights) inside the block."""
@@ -222,18 +244,22 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         return batch_size * per_layer * len(c.gsa_layers)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-    """Mean next-token cross-entropy; with packed documents no token predicts across a boundary."""
-    labels = labels.clone()
-    if cu_seqlens is not None:  # the last token of each document has no next token in it
-        flat = labels.view(-1)
-        ends = cu_seqlens[1:].long() - 1
-        ends = ends[ends >= 0]
-        shifted = torch.full_like(flat, -100)
-        shifted[:-1] = flat[1:]
-        shifted[ends] = -100
-        target = shifted.view_as(labels)
-    else:
-        target = torch.full_like(labels, -100)
+def next_token_targets(labels: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """The token each position must predict (-100: none): labels shifted left by one, and with
+    packed documents nothing across a boundary (a document's last token predicts nothing)."""
+    target = torch.full_like(labels, -100)
+    if cu_seqlens is None:
         target[:, :-1] = labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        return target
+    flat, shifted = labels.reshape(-1), target.view(-1)
+    shifted[:-1] = flat[1:]
+    ends = cu_seqlens[1:].long().to(labels.device) - 1
+    shifted[ends[ends >= 0]] = -100
+    return target
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, reduction: str = "mean"):
+    """Next-token cross-entropy over the positions that have a target (mean, or sum)."""
+    target = next_token_targets(labels, cu_seqlens)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                           reduction=reduction)

@@ -1,0 +1,104 @@
+"""Atomic, resumable checkpoints: OUTPUT/checkpoints/step-NNNNNNN/ (+ OUTPUT/checkpoints/latest).
+
+A checkpoint is written whole into a temporary folder and renamed into place; the ``latest``
+pointer is replaced atomically after that. A crash, a kill or a full disk at any moment leaves
+the previous checkpoint complete and pointed to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..hub import T2RError
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: what is needed to continue exactly where it stopped."""
+
+    stage: int = 0  # index into config.stages
+    stage_step: int = 0  # optimizer steps done in that stage
+    step: int = 0  # optimizer steps done in the run
+    data_position: int = 0  # training rows consumed (global)
+    tokens_seen: int = 0
+    stage_start_tokens: int = 0  # tokens_seen when the current stage began
+    evals: dict = field(default_factory=dict)  # teacher_ppl, converted_ppl_before, ...
+    stage_summaries: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerState":
+        return cls(**json.loads(text))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    root = checkpoints_dir(output_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_last: int, extra=None) -> Path:
+    """Write the accelerate state (model, optimizer, RNG) and the trainer state, atomically.
+
+    ``extra(folder)`` may add files (called on the main process). Raises OSError when the write
+    fails; the previous checkpoint is then untouched.
+    """
+    root = checkpoints_dir(output_dir)
+    name = f"step-{state.step:07d}"
+    final, tmp = root / name, root / f"{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        if accelerator.is_main_process:
+            if extra is not None:
+                extra(tmp)
+            _write_atomic(tmp / "trainer_state.json", state.to_json())
+    except OSError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", name)
+        done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_trainer_state(folder: Path) -> TrainerState:
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        raise T2RError(f"{folder} is not a complete checkpoint (no trainer_state.json)")
+    return TrainerState.from_json(state_file.read_text())

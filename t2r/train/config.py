@@ -1,0 +1,215 @@
+"""The finetune config: one validated YAML file per run (pydantic schema, PyYAML parsing).
+
+Unknown or mistyped keys and bad values fail before any work, naming the key's path and
+what is allowed. ``--set a.b.c=value`` overrides any key (value parsed as YAML).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..convert import ConversionOptions
+from ..hub import T2RError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    source: str = Field(description="alias, Hub id, local folder/.gguf, or an already converted t2r folder")
+    conversion: ConversionOptions = ConversionOptions()
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Strict):
+    dataset: str | None = Field(
+        None, description="a datasets Hub id, or 'python-stdlib' (this Python's standard library source)")
+    dataset_config: str | None = None
+    split: str = "train"
+    files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.parquet files or globs")
+    text_field: str = "text"
+    held_out: float = Field(0.05, ge=0, description="documents kept for evaluation: a fraction (<1) or a count")
+    eval_split: str | None = Field(None, description="evaluate on this split of `dataset` instead of held_out")
+    seq_len: int = Field(2048, ge=8)
+    packing: bool = True
+    streaming: bool = False
+    max_documents: int | None = Field(None, ge=1)
+    num_proc: int = Field(1, ge=1)
+    cache_dir: str | None = Field(None, description="tokenized/packed cache (default: OUTPUT/cache)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dataset is None) == (not self.files):
+            raise ValueError("give exactly one of data.dataset (a Hub id or 'python-stdlib') or data.files")
+        if self.streaming and self.held_out and not self.eval_split and self.held_out >= 1:
+            raise ValueError("with streaming, data.held_out must be a fraction (< 1) or use data.eval_split")
+        return self
+
+
+class LoraConfig(Strict):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class StageBase(Strict):
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class AttentionTransferStage(StageBase):
+    """Train only the new GSA parameters so each GSA layer's output matches the teacher's
+    softmax attention output on the same hidden states (per-layer MSE)."""
+
+    name: Literal["attention_transfer"]
+
+
+class FinetuneStage(StageBase):
+    """Next-token loss (+ optional KL to the teacher's logits) with LoRA adapters (peft), or all
+    weights when ``lora: null``. The new GSA parameters train alongside."""
+
+    name: Literal["finetune"]
+    lora: LoraConfig | None = LoraConfig()
+    kl_weight: float = Field(0.0, ge=0)
+    kl_temperature: float = Field(1.0, gt=0)
+
+
+Stage = Annotated[Union[AttentionTransferStage, FinetuneStage], Field(discriminator="name")]
+
+
+class OptimizerConfig(Strict):
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class BatchConfig(Strict):
+    micro_batch_size: int = Field(4, ge=1, description="rows per process per step")
+    grad_accum: int = Field(1, ge=1)
+
+
+class CheckpointConfig(Strict):
+    every_steps: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class EvalConfig(Strict):
+    every_steps: int = Field(100, ge=1)
+    max_batches: int | None = Field(16, ge=1)
+    teacher: bool = Field(True, description="measure the teacher's perplexity once, for reference")
+    before: bool = Field(True, description="measure the converted model before training")
+
+
+class LoggingConfig(Strict):
+    every_steps: int = Field(1, ge=1)
+    tensorboard: bool = True
+    wandb: bool = Field(False, description="log to Weights & Biases too (needs wandb installed)")
+    progress_bar: bool = True
+
+
+class RunConfig(Strict):
+    model: ModelConfig
+    data: DataConfig
+    stages: list[Stage] = Field(min_length=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    batch: BatchConfig = BatchConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 mixed precision on GPUs that have it, fp32 on CPU")
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    output_dir: str = "runs/t2r"
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node[int(key)] if isinstance(node, list) and key.isdigit() else node.get(key) \
+            if isinstance(node, dict) else None
+        if child is None:
+            if isinstance(node, dict):
+                child = node[key] = {}
+            else:
+                raise T2RError(f"--set {dotted}: {'.'.join(keys[:i + 1])} does not exist in the config")
+        node = child
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise T2RError(f"--set {dotted}: {last} is not an index of the list {'.'.join(keys[:-1])}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _known_keys(model: type[BaseModel], seen=None) -> set[str]:
+    """Every field name in the schema, for 'did you mean' hints."""
+    seen = seen if seen is not None else set()
+    names = set()
+    for name, field in model.model_fields.items():
+        names.add(name)
+        for sub in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            for cls in (sub, *getattr(sub, "__args__", ())):
+                if isinstance(cls, type) and issubclass(cls, BaseModel) and cls not in seen:
+                    seen.add(cls)
+                    names |= _known_keys(cls, seen)
+    return names
+
+
+def _format_errors(err: ValidationError) -> str:
+    known = sorted(_known_keys(RunConfig) | _known_keys(AttentionTransferStage) | _known_keys(FinetuneStage))
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  {path}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RunConfig:
+    """Read, override and validate a run config. Raises T2RError listing every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise T2RError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise T2RError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise T2RError(f"{path} must hold a mapping of keys (model:, data:, stages: ...)")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise T2RError(f"--set expects key=value (e.g. --set data.seq_len=512), got {item!r}")
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    if output_dir is not None:
+        tree["output_dir"] = output_dir
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise T2RError(f"{path}: invalid config\n{_format_errors(e)}") from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

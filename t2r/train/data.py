@@ -1,0 +1,218 @@
+"""Training data through `datasets`: documents -> tokens (cached) -> packed rows with boundaries.
+
+A packed row holds ``seq_len`` tokens from consecutive documents (each ended by EOS) and the
+lengths of the document pieces in it, from which the collator builds ``cu_seqlens``: no GSA
+state and no softmax attention crosses a document boundary.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from ..hub import T2RError
+from .config import DataConfig
+
+FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                ".parquet": "parquet"}
+
+
+def stdlib_documents(max_documents: int | None = None):
+    """This Python's standard library source, one document per module, sorted by path."""
+    from datasets import Dataset
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    if max_documents:
+        paths = paths[:max_documents]
+    texts, names = [], []
+    for p in paths:
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+            names.append(str(p.relative_to(root)))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return Dataset.from_dict({"text": texts, "path": names})
+
+
+def _file_dataset(cfg: DataConfig):
+    from datasets import load_dataset
+
+    files = []
+    for pattern in cfg.files:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise T2RError(f"data.files: {pattern!r} matches no file")
+        files.extend(matched)
+    kinds = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise T2RError(f"data.files must all be one of {', '.join(sorted(FILE_FORMATS))}; got {files[:5]}")
+    kind = kinds.pop()
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    return load_dataset(kind, data_files=files, split="train", streaming=cfg.streaming, **extra)
+
+
+def load_documents(cfg: DataConfig):
+    """(train documents, eval documents or None) as datasets Dataset/IterableDataset."""
+    from datasets import load_dataset
+
+    if cfg.dataset == "python-stdlib":
+        docs = stdlib_documents(cfg.max_documents)
+        if cfg.streaming:
+            docs = docs.to_iterable_dataset()
+    elif cfg.dataset is not None:
+        try:
+            docs = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming)
+            evals = (load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.eval_split, streaming=cfg.streaming)
+                     if cfg.eval_split else None)
+        except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+            raise T2RError(f"could not load dataset {cfg.dataset!r} (split {cfg.split!r}): {e}. Offline? "
+                           "Download it where the Hub is reachable, or point data.files at local files") from None
+        if cfg.max_documents:
+            docs = docs.take(cfg.max_documents) if cfg.streaming else docs.select(range(min(cfg.max_documents, len(docs))))
+        if evals is not None:
+            return docs, evals
+    else:
+        docs = _file_dataset(cfg)
+        if cfg.max_documents:
+            docs = docs.take(cfg.max_documents) if cfg.streaming else docs.select(range(min(cfg.max_documents, len(docs))))
+    columns = docs.column_names if not cfg.streaming else (docs.column_names or [cfg.text_field])
+    if columns is not None and cfg.text_field not in columns:
+        raise T2RError(f"data.text_field {cfg.text_field!r} is not a column of the data; columns: {columns}")
+    return split_held_out(docs, cfg)
+
+
+def _doc_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:8], "big")
+
+
+def split_held_out(docs, cfg: DataConfig):
+    """Held-out documents chosen by a hash of their text: stable, and the same in every process."""
+    if not cfg.held_out:
+        return docs, None
+    field = cfg.text_field
+    if cfg.held_out < 1:
+        cut = int(cfg.held_out * 2**64)
+        return (docs.filter(lambda ex: _doc_hash(ex[field]) >= cut),
+                docs.filter(lambda ex: _doc_hash(ex[field]) < cut))
+    hashes = sorted(_doc_hash(t) for t in docs[field])
+    if int(cfg.held_out) >= len(hashes):
+        raise T2RError(f"data.held_out={int(cfg.held_out)} documents leaves none of the {len(hashes)} to train on")
+    cut = hashes[int(cfg.held_out)]
+    return docs.filter(lambda ex: _doc_hash(ex[field]) >= cut), docs.filter(lambda ex: _doc_hash(ex[field]) < cut)
+
+
+def tokenize_and_pack(docs, tokenizer, cfg: DataConfig, cache_dir: Path | None):
+    """Rows {input_ids: [<= seq_len], doc_lens: [...]}: packed full rows, or one truncated row per
+    document when ``packing`` is off. Map-style results are cached on disk."""
+    field, L, eos = cfg.text_field, cfg.seq_len, tokenizer.eos_token_id
+    if eos is None:
+        raise T2RError("the tokenizer has no eos_token: packing needs one to end each document")
+
+    def tokenize(batch):
+        ids = tokenizer(batch[field], add_special_tokens=True)["input_ids"]
+        return {"ids": [x + [eos] for x in ids]}
+
+    def pack(batch):
+        rows, lens, row, row_lens = [], [], [], []
+        for ids in batch["ids"]:
+            while ids:
+                take = ids[: L - len(row)]
+                row.extend(take)
+                row_lens.append(len(take))
+                ids = ids[len(take):]
+                if len(row) == L:
+                    rows.append(row)
+                    lens.append(row_lens)
+                    row, row_lens = [], []
+        return {"input_ids": rows, "doc_lens": lens}  # a partial last row is dropped
+
+    def truncate(batch):
+        return {"input_ids": [x[:L] for x in batch["ids"]], "doc_lens": [[min(len(x), L)] for x in batch["ids"]]}
+
+    streaming = not hasattr(docs, "__len__")
+    map_kw = {} if streaming else {"num_proc": cfg.num_proc if cfg.num_proc > 1 else None}
+    key = None
+    if cache_dir is not None and not streaming:
+        ident = f"{docs._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{eos}|{field}|{L}|{cfg.packing}"
+        key = hashlib.sha1(ident.encode()).hexdigest()[:16]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    tokens = docs.map(tokenize, batched=True, remove_columns=docs.column_names, **map_kw,
+                      **({"cache_file_name": str(cache_dir / f"tok-{key}.arrow")} if key else {}))
+    rows = tokens.map(pack if cfg.packing else truncate, batched=True, batch_size=1000, remove_columns=["ids"],
+                      **map_kw, **({"cache_file_name": str(cache_dir / f"rows-{key}.arrow")} if key else {}))
+    return rows
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """A batch: input_ids [B, L] (+ cu_seqlens over the flattened batch when rows are packed
+    full, else attention_mask) and labels (-100 where there is no token)."""
+    L = max(len(r["input_ids"]) for r in rows)
+    full = all(len(r["input_ids"]) == L for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, : len(r["input_ids"])] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    if full:
+        lens = torch.tensor([n for r in rows for n in r["doc_lens"]], dtype=torch.long)
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        return {"input_ids": ids, "labels": labels, "cu_seqlens": cu}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class RowOrder:
+    """The deterministic order in which training rows are read: global position p -> row.
+
+    Map-style rows are visited in a fresh seeded permutation each epoch; streamed rows in
+    stream order (shuffle buffer seeded per epoch). Resuming at position p reads exactly the
+    rows an uninterrupted run would have read next.
+    """
+
+    def __init__(self, rows, seed: int, shuffle_buffer: int = 10_000):
+        self.rows, self.seed = rows, seed
+        self.streaming = not hasattr(rows, "__len__")
+        if not self.streaming and len(rows) == 0:
+            raise T2RError("no training rows: the documents are shorter than one data.seq_len row in total; "
+                           "add data or lower data.seq_len")
+        self._perm_epoch, self._perm = -1, None
+        self._buffer = shuffle_buffer
+        self._iter, self._pos, self._epoch = None, 0, 0
+
+    def _map_row(self, p: int) -> dict:
+        n = len(self.rows)
+        epoch, i = divmod(p, n)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(n, generator=gen).tolist(), epoch
+        return self.rows[self._perm[i]]
+
+    def _stream_row(self, p: int) -> dict:
+        if self._iter is None or p < self._pos:
+            self._restart(0)
+        while True:
+            try:
+                while self._pos < p:
+                    next(self._iter)
+                    self._pos += 1
+                row = next(self._iter)
+                self._pos += 1
+                return row
+            except StopIteration:
+                if self._pos == self._epoch_start:
+                    raise T2RError("the data stream is empty: no training rows") from None
+                self._restart(self._epoch + 1, start=self._pos)
+
+    def _restart(self, epoch: int, start: int = 0) -> None:
+        shuffled = self.rows.shuffle(seed=self.seed, buffer_size=self._buffer)
+        shuffled.set_epoch(epoch)
+        self._iter, self._epoch, self._pos, self._epoch_start = iter(shuffled), epoch, start, start
+
+    def take(self, start: int, count: int) -> list[dict]:
+        get = self._stream_row if self.streaming else self._map_row
+        return [get(p) for p in range(start, start + count)]

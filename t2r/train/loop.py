@@ -1,0 +1,324 @@
+"""``t2r finetune``: the training loop (accelerate), stage by stage, resumable at any step.
+
+Losses are sums over tokens divided by the token count of the whole global batch (every
+process, every accumulation micro-step), so 1 process and N processes at the same global
+batch compute the same loss and the same update.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..hub import ALIAS_LICENSES, T2RError
+from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
+from .config import RunConfig, dump_config
+from .data import RowOrder, collate, load_documents, tokenize_and_pack
+from .stages import add_lora, count_targets, load_model, run_lora_config, set_trainable, stage_loss_sum
+
+
+class RunStopped(T2RError):
+    """The run stopped early (signal or non-finite loss); the message says how to continue."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def learning_rate(stage, step: int) -> float:
+    """The stage's learning rate at optimizer step ``step`` (0-based) of that stage."""
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    if stage.schedule == "constant":
+        return stage.lr
+    span = max(1, stage.steps - stage.warmup_steps)
+    progress = min(1.0, (step - stage.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if stage.schedule == "cosine" else 1 - progress
+    return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * shape)
+
+
+def _precision(choice: str) -> str:
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(choice, choice)
+
+
+class Run:
+    def __init__(self, config: RunConfig, resume: bool = False, log=print):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.config, self.log = config, log
+        self.out = Path(config.output_dir)
+        latest = latest_checkpoint(self.out)
+        if latest is not None and not resume:
+            raise T2RError(f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
+                           "or choose another --output-dir")
+        if resume and latest is None:
+            raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
+        trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else [])
+        self.accelerator = Accelerator(
+            mixed_precision=_precision(config.precision), log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(config.stages) > 1)],
+        )
+        set_seed(config.seed)
+        self.state = read_trainer_state(latest) if latest is not None else TrainerState()
+        self.resumed_from = latest
+        self._stop_signal = 0
+
+    # -- setup ------------------------------------------------------------------------------
+    def _main_log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            self.log(msg)
+
+    def setup(self) -> None:
+        acc, cfg = self.accelerator, self.config
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        with acc.main_process_first():
+            model, self.tokenizer = load_model(cfg.model, log=self._main_log)
+            train_docs, eval_docs = load_documents(cfg.data)
+            cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
+            self.order = RowOrder(tokenize_and_pack(train_docs, self.tokenizer, cfg.data, cache), cfg.seed)
+            eval_rows = tokenize_and_pack(eval_docs, self.tokenizer, cfg.data, cache) if eval_docs is not None else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        n_eval = (cfg.eval.max_batches or 10**9) * cfg.batch.micro_batch_size * acc.num_processes
+        self.eval_rows = list(eval_rows.take(n_eval) if not hasattr(eval_rows, "__len__")
+                              else eval_rows.select(range(min(n_eval, len(eval_rows))))) if eval_rows else []
+        self.lora = run_lora_config(cfg.stages)
+        if self.lora is not None:
+            if acc.is_main_process and self.resumed_from is None:
+                self._save_folder(model, self.out / "base")  # what the adapter goes on top of
+            model = add_lora(model, self.lora)
+        for p in model.parameters():  # trainable weights in fp32 whatever the base dtype
+            if p.dtype in (torch.bfloat16, torch.float16) and p.requires_grad:
+                p.data = p.data.float()
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.model = acc.prepare(model)
+        if cfg.logging.tensorboard or cfg.logging.wandb:
+            acc.init_trackers("t2r", config={"output_dir": str(self.out), "total_steps": cfg.total_steps})
+
+    def _save_folder(self, model, folder: Path) -> None:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def _my_batches(self) -> list[dict]:
+        cfg, acc = self.config, self.accelerator
+        micro, accum, world = cfg.batch.micro_batch_size, cfg.batch.grad_accum, acc.num_processes
+        rows = self.order.take(self.state.data_position, micro * accum * world)
+        batches = []
+        for a in range(accum):
+            start = (a * world + acc.process_index) * micro
+            batches.append({k: v.to(acc.device) for k, v in collate(rows[start:start + micro], self.pad_id).items()})
+        return batches
+
+    def train_step(self, stage, optimizer, params) -> dict:
+        acc = self.accelerator
+        batches = self._my_batches()
+        counts = torch.stack([count_targets(b, stage) for b in batches]).sum().float()
+        global_tokens = acc.reduce(counts, reduction="sum")
+        scale = acc.num_processes / global_tokens.clamp_min(1)
+        totals: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            ctx = acc.no_sync(self.model) if not sync else _null()
+            with ctx, acc.autocast():
+                loss_sum, parts = stage_loss_sum(self.model, batch, stage)
+                acc.backward(loss_sum * scale)
+            for k, v in {"loss": loss_sum.detach(), **parts}.items():
+                totals[k] = totals.get(k, 0) + v.float()
+        stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
+        if not math.isfinite(stats["loss"]):
+            raise RunStopped(self._nonfinite_message(stats["loss"]), exit_code=3)
+        lr = learning_rate(stage, self.state.stage_step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if self.config.optimizer.grad_clip:
+            stats["grad_norm"] = float(acc.clip_grad_norm_(params, self.config.optimizer.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        input_tokens = acc.reduce(torch.tensor(float(sum((b["labels"] != -100).sum() for b in batches)),
+                                               device=acc.device), reduction="sum")
+        self.state.step += 1
+        self.state.stage_step += 1
+        self.state.data_position += self.config.batch.micro_batch_size * self.config.batch.grad_accum \
+            * acc.num_processes
+        self.state.tokens_seen += int(input_tokens.item())
+        stats["lr"] = lr
+        return stats
+
+    def _nonfinite_message(self, value) -> str:
+        latest = latest_checkpoint(self.out)
+        keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        return (f"loss became {value} at step {self.state.step + 1} (stage {self.config.stages[self.state.stage].name}); "
+                f"stopped before applying that update; {keep}. Lower the learning rate or check the data, "
+                "then continue with --resume")
+
+    # -- the run --------------------------------------------------------------------------------
+    def evaluate(self, key: str, teacher: bool = False) -> None:
+        from ..eval.perplexity import perplexity
+
+        if not self.eval_rows:
+            return
+        ppl, tokens = perplexity(self.model, self.eval_rows, self.config.batch.micro_batch_size, self.pad_id,
+                                 self.accelerator.device, self.accelerator, teacher=teacher)
+        self.state.evals[key] = ppl
+        self.state.evals["eval_tokens"] = tokens
+        self._main_log(f"held-out perplexity {key}: {ppl:.3f} ({tokens:,} tokens)")
+        self.accelerator.log({f"eval/{key}": ppl}, step=self.state.step)
+
+    def _checkpoint(self) -> None:
+        try:
+            path = save_checkpoint(self.accelerator, self.out, self.state, self.config.checkpoint.keep_last)
+            self._main_log(f"checkpoint {path.name} saved")
+        except OSError as e:
+            latest = latest_checkpoint(self.out)
+            self._main_log(f"warning: writing the checkpoint at step {self.state.step} failed ({e}); "
+                           f"the previous one ({latest.name if latest else 'none'}) is intact; training goes on")
+
+    def _signals(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor(float(self._stop_signal), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="max").item() > 0
+
+    def _log_metrics(self, stats: dict, stage, started: float, start_tokens: int, bar) -> None:
+        if self.accelerator.is_main_process:
+            elapsed = max(time.time() - started, 1e-9)
+            tps = (self.state.tokens_seen - start_tokens) / elapsed
+            record = {"step": self.state.step, "stage": stage.name, **{k: round(v, 6) for k, v in stats.items()},
+                      "tokens": self.state.tokens_seen, "tokens_per_s": round(tps, 1)}
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tps:,.0f}", stage=stage.name)
+        if self.state.step % self.config.logging.every_steps == 0:
+            self.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=self.state.step)
+
+    def _trim_metrics(self) -> None:
+        """After a resume, forget the metrics of steps the checkpoint does not hold."""
+        path = self.out / "metrics.jsonl"
+        if self.accelerator.is_main_process and path.is_file():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        self.setup()
+        if self.resumed_from is None:
+            if cfg.eval.teacher:
+                self.evaluate("teacher_ppl", teacher=True)
+            if cfg.eval.before:
+                self.evaluate("converted_ppl_before")
+        else:
+            self._trim_metrics()
+            self._main_log(f"resuming from {self.resumed_from.name} (step {self.state.step})")
+        previous = self._signals()
+        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not (acc.is_main_process and
+                   cfg.logging.progress_bar), desc="t2r finetune", dynamic_ncols=True)
+        try:
+            self._run_stages(bar)
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.evaluate("ppl_after")
+        self.finish()
+        acc.end_training()
+        return self.out
+
+    def _run_stages(self, bar) -> None:
+        cfg, acc = self.config, self.accelerator
+        while self.state.stage < len(cfg.stages):
+            stage = cfg.stages[self.state.stage]
+            names = set(set_trainable(acc.unwrap_model(self.model), stage))
+            params = [p for n, p in acc.unwrap_model(self.model).named_parameters() if n in names]
+            o = cfg.optimizer
+            optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+            acc._optimizers.clear()  # one optimizer at a time: the checkpoint holds this stage's
+            optimizer = acc.prepare(optimizer)
+            if self.resumed_from is not None:
+                acc.load_state(str(self.resumed_from / "accelerate"))
+                self.resumed_from = None
+            else:
+                self.state.stage_start_tokens = self.state.tokens_seen
+            started, start_tokens = time.time(), self.state.tokens_seen
+            while self.state.stage_step < stage.steps:
+                stats = self.train_step(stage, optimizer, params)
+                bar.update(1)
+                self._log_metrics(stats, stage, started, start_tokens, bar)
+                if self.state.step % cfg.eval.every_steps == 0 and self.state.stage_step < stage.steps:
+                    self.evaluate(f"ppl_step_{self.state.step}")
+                if self.state.step % cfg.checkpoint.every_steps == 0:
+                    self._checkpoint()
+                if self._should_stop():
+                    self._checkpoint()
+                    raise RunStopped(f"stopped by signal at step {self.state.step}; continue with --resume "
+                                     f"(t2r finetune CONFIG --output-dir {self.out} --resume)", exit_code=130)
+            self.state.stage_summaries.append({"name": stage.name, "steps": stage.steps,
+                                               "tokens": self.state.tokens_seen - self.state.stage_start_tokens,
+                                               "lora": self.lora.model_dump() if self.lora and stage.name ==
+                                               "finetune" and stage.lora else None})
+            self.state.stage += 1
+            self.state.stage_step = 0
+
+    def finish(self) -> None:
+        """Write OUTPUT/model (merged), OUTPUT/adapter (with LoRA) and OUTPUT/run_summary.json."""
+        acc, cfg = self.accelerator, self.config
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        model = acc.unwrap_model(self.model)
+        if self.lora is not None:
+            model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
+            model.save_pretrained(self.out / "adapter")
+            model = model.merge_and_unload()
+        self._save_folder(model, self.out / "model")
+        c = model.config
+        summary = {
+            "base_model": cfg.model.source, "base_model_type": c.base_model_type,
+            "conversion": cfg.model.conversion.model_dump(), "gsa_layers": c.gsa_layers,
+            "num_hidden_layers": c.num_hidden_layers, "tokens_seen": self.state.tokens_seen,
+            "stages": self.state.stage_summaries,
+            "eval": {k: self.state.evals.get(k) for k in ("teacher_ppl", "converted_ppl_before", "ppl_after",
+                                                          "eval_tokens")},
+            "license": ALIAS_LICENSES.get(cfg.model.source.lower()),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        }
+        (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
+        self.log(f"done: {self.out / 'model'} ({self.state.tokens_seen:,} tokens seen)")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def finetune(config: RunConfig, resume: bool = False, log=print) -> Path:
+    return Run(config, resume, log).run()
