@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import register as register_finetune
 
     register_finetune(sub)
+    from .export import register as register_export; register_export(sub)  # noqa: E702
     return parser
 
 

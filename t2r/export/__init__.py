@@ -1,0 +1,22 @@
+"""``t2r export``: Hub-ready folders that load with plain transformers, model cards, Hub upload.
+
+    folder.py       the export itself (weights, config, tokenizer, code, card), written atomically
+    load.py         reading a SOURCE: run / checkpoint / converted folder, checked, safetensors only
+    remote_code.py  flat modeling files generated from t2r's own sources
+    card.py         the model card (README.md)
+    push.py         upload through huggingface_hub
+    command.py      the argparse subcommand
+
+Importing this package is cheap (the CLI imports it to register the subcommand).
+"""
+from .command import register
+
+
+def export(*args, **kwargs):
+    """See :func:`t2r.export.folder.export`."""
+    from .folder import export as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = ["export", "register"]

@@ -1,0 +1,257 @@
+"""``t2r export``: write a Hub-ready folder (weights, config with auto_map, tokenizer, generation
+config, flat modeling code, model card, manifest) from a run, a checkpoint or a converted folder.
+
+The folder is written in a temporary folder beside ``--out`` and renamed into place at the end,
+so a failure never leaves a half-written export (nor touches the one it would replace).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..hub import T2RError
+from .card import CardInfo, model_card
+from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, Source, inspect_source, load_merged, load_model,
+                   read_json, read_lora_config, validate_adapter, validate_model_folder)
+from .push import check_push, push_folder
+from .remote_code import AUTO_MAP, check_loadable, write_remote_code
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)
+MODES = ("auto", "merge", "adapter")
+
+
+@dataclass
+class ExportOptions:
+    mode: str = "auto"  # auto: merge the LoRA adapter if there is one | merge | adapter (adapter only)
+    dtype: str | None = None  # bf16 | fp16 | fp32; None keeps the source's
+    max_shard_size: str = "5GB"
+    push_to_hub: str | None = None
+    private: bool = False
+    overwrite: bool = False
+    license: str | None = None
+    base_id: str | None = None  # adapter exports: where users find the converted base
+
+
+def _version() -> str:
+    from t2r import __version__
+
+    return __version__
+
+
+def cast_model(model, dtype: torch.dtype) -> None:
+    """Cast floating weights to ``dtype`` in place, except the modules the model keeps in fp32 (g_norm)."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for module_name, module in model.named_modules():
+        fp32 = any(part in keep for part in module_name.split("."))
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None and t.is_floating_point():
+                    t.data = t.data.to(torch.float32 if fp32 else dtype)
+    model.config.dtype = dtype
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not any(n in names for n in ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")):
+        raise T2RError(f"{src} has no tokenizer (tokenizer.json, tokenizer.model, ...); copy the teacher's tokenizer "
+                       "files into it (t2r convert saves them), then export again")
+    for n in names:
+        shutil.copy2(src / n, dst / n)
+    for d in TOKENIZER_DIRS:
+        if (src / d).is_dir():
+            shutil.copytree(src / d, dst / d)
+            names.append(d)
+    return names
+
+
+def _check_out(out: Path, src: Source, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise T2RError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise T2RError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    o, s = out.resolve(), src.path.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise T2RError(f"--out {out} overlaps SOURCE {src.path}; write the export to a folder outside the source")
+
+
+def _resolve_mode(src: Source, mode: str) -> str:
+    """model (export the full model as it is) | merge (base + adapter merged here) | adapter."""
+    if src.kind == "adapter-export":
+        raise T2RError(f"{src.path} is already an adapter export; upload it with: t2r export {src.path} "
+                       "--push-to-hub ORG/NAME")
+    if not src.has_adapter:
+        if mode != "auto":
+            flag = "--merge-lora" if mode == "merge" else "--adapter-only"
+            raise T2RError(f"{src.path} has no LoRA adapter (no adapter/ folder: the run trained all weights, or this "
+                           f"is a converted folder); drop {flag}")
+        return "model"
+    if src.base_dir is None:
+        if mode == "auto":
+            return "model"  # model/ is the run's merged model
+        raise T2RError(f"{src.path} has adapter/ but no base/ (the converted model it goes on), so the adapter can "
+                       "be neither merged nor checked; export without --merge-lora/--adapter-only to take model/ "
+                       "(already merged by the run)")
+    return "adapter" if mode == "adapter" else "merge"
+
+
+def _files_and_sizes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _card_info(src: Source, config: dict, fmt: str, location: str, dtype: str, options: ExportOptions,
+               **extra) -> CardInfo:
+    return CardInfo(config=config, fmt=fmt, location=location, dtype=dtype, summary=src.summary,
+                    source_kind=src.kind, source_name=src.path.name, license=options.license,
+                    t2r_version=_version(), **extra)
+
+
+def write_model(tmp: Path, src: Source, mode: str, options: ExportOptions, location: str, log) -> dict:
+    if mode == "merge":
+        log(f"merging the LoRA adapter {src.adapter_dir} into {src.base_dir} (in fp32)")
+        model, saved = load_merged(src.base_dir, src.adapter_dir)
+        files_from = src.model_dir or src.base_dir
+    else:
+        log(f"loading {src.model_dir}")
+        model = load_model(src.model_dir)
+        saved, files_from = model.config.dtype, src.model_dir
+    target = DTYPES[options.dtype] if options.dtype else (saved if isinstance(saved, torch.dtype) else
+                                                          getattr(torch, str(saved or "float32")))
+    cast_model(model, target)
+    model.config.auto_map = dict(AUTO_MAP)
+    gen = files_from / "generation_config.json"
+    if gen.is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(files_from)
+    model.save_pretrained(tmp, max_shard_size=options.max_shard_size)
+    copy_tokenizer(files_from, tmp)
+    modeling, notes = write_remote_code(tmp)
+    for note in notes:
+        log(f"note: {note}")
+    config = validate_model_folder(tmp)  # what was written is what the config describes
+    info = _card_info(src, config.to_dict(), "model", location, _dtype_name(target), options,
+                      merged_lora=mode == "merge" or src.has_adapter, modeling_files=modeling)
+    (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+    return {"format": "model", "dtype": _dtype_name(target), "merged_lora": info.merged_lora}
+
+
+def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str, log) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    base_config = validate_model_folder(src.base_dir)
+    validate_adapter(src.adapter_dir, base_config)
+    lora = read_lora_config(src.adapter_dir)
+    tensors = load_file(src.adapter_dir / ADAPTER_WEIGHTS)
+    if options.dtype:
+        keep = ("g_norm",)
+        tensors = {k: (v.to(torch.float32 if any(p in k.split(".") for p in keep) else DTYPES[options.dtype])
+                       if v.is_floating_point() else v) for k, v in tensors.items()}
+    save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    base_ref = options.base_id or str(src.base_dir.resolve())
+    if not options.base_id:
+        log(f"note: {ADAPTER_CONFIG} names the base by its local path {base_ref}; pass --base-id ORG/NAME to name "
+            "where users will find the converted base (e.g. its own export on the Hub)")
+    adapter_config = read_json(src.adapter_dir / ADAPTER_CONFIG, "the adapter config")
+    adapter_config.update(base_model_name_or_path=base_ref, inference_mode=True)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    copy_tokenizer(src.base_dir, tmp)
+    dtypes = sorted({_dtype_name(v.dtype) for k, v in tensors.items() if "lora_" in k}) or ["float32"]
+    info = _card_info(src, base_config.to_dict(), "adapter", location, "/".join(dtypes), options,
+                      lora={"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": list(lora.target_modules),
+                            "modules_to_save": list(lora.modules_to_save or [])},
+                      base_location=base_ref)
+    (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+    base = {"base_model_name_or_path": base_ref, "teacher": base_config.base_model_name_or_path,
+            "config": {k: getattr(base_config, k) for k in (
+                "base_model_type", "num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim",
+                "gsa_layers", "num_slots", "gate_logit_normalizer", "feature_map", "use_rope")}}
+    return {"format": "adapter", "dtype": "/".join(dtypes), "base": base}
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():  # empty, or --overwrite: swap, then drop the old one
+        old = out.parent / f".{out.name}.t2r-export-old-{os.getpid()}"
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            old.rename(out)
+            raise
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def verify_export(path: Path) -> dict:
+    """Check an existing export before uploading it: every file the manifest lists, at its size."""
+    manifest = read_json(path / MANIFEST, "the export manifest")
+    for name, size in (manifest.get("files") or {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise T2RError(f"{f} is {'missing' if not f.is_file() else 'changed'} since the export; export again")
+    if manifest.get("format") == "model":
+        validate_model_folder(path)
+        check_loadable(path, sorted(n for n in manifest["files"] if n.endswith(".py")))
+    return manifest
+
+
+def export(source: str | Path, out: str | Path | None, options: ExportOptions | None = None, log=print) -> Path:
+    """Export SOURCE to ``out`` (and push it); with ``out`` None, push SOURCE, an existing export."""
+    options = options or ExportOptions()
+    if options.mode not in MODES:
+        raise ValueError(f"mode {options.mode!r} is not one of {MODES}")
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise T2RError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    src = inspect_source(source)
+    if out is None:
+        if not options.push_to_hub or src.kind not in ("export", "adapter-export"):
+            raise T2RError("--out is required (only an existing export can be pushed as it is: "
+                           "t2r export EXPORT_DIR --push-to-hub ORG/NAME)")
+        check_push(options.push_to_hub)
+        verify_export(src.path)
+        push_folder(src.path, options.push_to_hub, options.private, log)
+        return src.path
+    out = Path(out).expanduser()
+    _check_out(out, src, options.overwrite)
+    mode = _resolve_mode(src, options.mode)
+    if options.push_to_hub:
+        check_push(options.push_to_hub)
+    location = options.push_to_hub or str(out.resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.t2r-export-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if mode == "adapter":
+            meta = write_adapter(tmp, src, options, location, log)
+        else:
+            meta = write_model(tmp, src, mode, options, location, log)
+        manifest = {"t2r_version": _version(), **meta, "source_kind": src.kind,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "files": _files_and_sizes(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(manifest["files"].values())
+    log(f"exported {meta['format']} ({meta['dtype']}) to {out}: {len(manifest['files']) + 1} files, "
+        f"{total / 2**20:,.1f} MiB")
+    if options.push_to_hub:
+        push_folder(out, options.push_to_hub, options.private, log)
+    return out
