@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd_triton import chunk_logits
-from .chunk_intra_triton import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op1t, op2
+from .chunk_intra_triton import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op1t, op2, vcumsum, vsum
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
-    racc = tl.zeros([C, BM], dtype=tl.float32)
+    racc = tl.full([C, BM], 0., tl.float32)
     for i in range(G):
         hq = h * G + i
         q_t = tl.load(q + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
@@ -65,7 +65,7 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
         bm = tl.dot(do_t, tl.trans(v_t), input_precision=PREC)
         dp_off = eb * tl.dot(do_t, tl.trans(hv), input_precision=PREC) + op1(bm, s_t, sn, b, eb, safe, C, DT, PREC)
         dp = dp_off + diag(bm, C)[:, None] * s_t
-        dz = p * (dp - tl.sum(p * dp, 1)[:, None])
+        dz = p * (dp - vsum(p * dp, 1)[:, None])
         racc += (y_off * scale) * dz + p * dp_off
         off = rows[:, None] * (HQ * M) + hq * M + o_m[None, :]
         tl.store(prob + off, p.to(prob.dtype.element_ty), mask=m_tm)
@@ -95,9 +95,9 @@ def _bwd_qk_kernel(q, k, s, g, snap_k, ds_k, dy, r, dq, dk, dsa, chunks, H: tl.c
     hk = tl.load(snap_k + st, mask=m_km, other=0.)
     dsk = tl.load(ds_k + st, mask=m_km, other=0.)
     hk_d, dsk_d = hk.to(DT), dsk.to(DT)
-    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
-    ds_acc = tl.zeros([C, BM], dtype=tl.float32)  # without the diagonal terms
-    ds_dia = tl.zeros([C, BM], dtype=tl.float32)
+    dk_acc = tl.full([C, BK], 0., tl.float32)
+    ds_acc = tl.full([C, BM], 0., tl.float32)  # without the diagonal terms
+    ds_dia = tl.full([C, BM], 0., tl.float32)
     for i in range(G):
         hq = h * G + i
         q_t = tl.load(q + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
@@ -115,12 +115,12 @@ def _bwd_qk_kernel(q, k, s, g, snap_k, ds_k, dy, r, dq, dk, dsa, chunks, H: tl.c
     dk_acc += tl.dot(w.to(DT), tl.trans(dsk_d), input_precision=PREC)
     kd = tl.dot(k_t, dsk_d, input_precision=PREC)
     wkd = w * kd
-    carry = tl.exp(b_end) * tl.sum(dsk.to(tl.float32) * hk.to(tl.float32), 0)
+    carry = tl.exp(b_end) * vsum(dsk.to(tl.float32) * hk.to(tl.float32), 0)
     tl.store(dk + rows[:, None] * (H * K) + h * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_tk)
     off = rows[:, None] * (H * M) + h * M + o_m[None, :]
     tl.store(dsa + off, ds_acc + ds_dia + to_end * kd, mask=m_tm)
     db = tl.load(r + off, mask=m_tm, other=0.) - s_t * ds_acc
-    dg_t = tl.cumsum(db, 0, reverse=True) + exclusive_cumsum(wkd) + carry[None, :]
+    dg_t = vcumsum(db, True) + exclusive_cumsum(wkd) + carry[None, :]
     tl.store(r + off, dg_t, mask=m_tm)
 
 
@@ -146,9 +146,9 @@ def _bwd_vg_kernel(v, s, g, snap_v, ds_v, do, prob, r, dsa, dv, ds, dg, chunks, 
     hv = tl.load(snap_v + st, mask=m_mv, other=0.)
     dsv = tl.load(ds_v + st, mask=m_mv, other=0.)
     dsv_d = dsv.to(DT)
-    dv_acc = tl.zeros([C, BV], dtype=tl.float32)
-    ds_acc = tl.zeros([C, BM], dtype=tl.float32)  # without the diagonal terms
-    ds_dia = tl.zeros([C, BM], dtype=tl.float32)
+    dv_acc = tl.full([C, BV], 0., tl.float32)
+    ds_acc = tl.full([C, BM], 0., tl.float32)  # without the diagonal terms
+    ds_dia = tl.full([C, BM], 0., tl.float32)
     for i in range(G):
         hq = h * G + i
         do_t = tl.load(do + rows[:, None] * (HQ * V) + hq * V + o_v[None, :], mask=m_tv, other=0.).to(DT)
@@ -163,9 +163,9 @@ def _bwd_vg_kernel(v, s, g, snap_v, ds_v, do, prob, r, dsa, dv, ds, dg, chunks, 
     dv_acc += tl.dot(w.to(DT), dsv_d, input_precision=PREC)
     vd = tl.dot(v_t, tl.trans(dsv_d), input_precision=PREC)
     wvd = w * vd
-    carry = tl.exp(b_end) * tl.sum(dsv.to(tl.float32) * hv.to(tl.float32), 1)
+    carry = tl.exp(b_end) * vsum(dsv.to(tl.float32) * hv.to(tl.float32), 1)
     off = rows[:, None] * (H * M) + h * M + o_m[None, :]
-    dg_t = tl.cumsum(-s_t * ds_acc, 0, reverse=True) + exclusive_cumsum(wvd) + carry[None, :]
+    dg_t = vcumsum(-s_t * ds_acc, True) + exclusive_cumsum(wvd) + carry[None, :]
     dg_t += tl.load(r + off, mask=m_tm, other=0.)
     ds_acc += ds_dia + to_end * vd + tl.load(dsa + off, mask=m_tm, other=0.)
     tl.store(dv + rows[:, None] * (H * V) + h * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)

@@ -28,15 +28,35 @@ import triton.language as tl
 THRESH = 40.0
 
 
+# Reductions and scans through tl.reduce / tl.associative_scan with the standard combine
+# functions (exactly what tl.sum / tl.max / tl.cumsum do). The Triton interpreter recognises
+# these, and unlike tl.sum & co. (which are @jit functions of triton.language itself) they also
+# run when triton was imported before TRITON_INTERPRET was set (the CPU test suite's case).
+@triton.jit
+def vsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def vmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def vcumsum(x, REVERSE: tl.constexpr):
+    """Cumulative sum along axis 0 (from the end when REVERSE)."""
+    return tl.associative_scan(x, 0, tl.standard._sum_combine, REVERSE)
+
+
 @triton.jit
 def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, THR: tl.constexpr):
     """Load g [C, BM] of one chunk and kv head; return b = cumsum(g), b at the chunk end,
     exp(b), exp(-b) (clamped, used only when safe) and the run-time flag `safe`."""
     gg = tl.load(g_ptr + base + o_t[:, None] * row_stride + o_m[None, :],
                  mask=m_t[:, None] & m_m[None, :], other=0.).to(tl.float32)
-    b = tl.cumsum(gg, 0)
-    b_end = tl.sum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
-    safe = tl.max(tl.max(tl.abs(b), 1), 0) <= THR
+    b = vcumsum(gg, False)
+    b_end = vsum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
+    safe = vmax(vmax(tl.abs(b), 1), 0) <= THR
     eb = tl.exp(tl.minimum(b, THR))
     enb = tl.exp(tl.minimum(-b, THR))
     return b, b_end, eb, enb, safe
@@ -45,20 +65,20 @@ def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, TH
 @triton.jit
 def _row(x, o, j):
     """Row j of a [C, N] register tile, as [N]."""
-    return tl.sum(tl.where(o[:, None] == j, x, 0.), 0)
+    return vsum(tl.where(o[:, None] == j, x, 0.), 0)
 
 
 @triton.jit
 def _col(x, o, j):
     """Column j of a [C, C] register tile, as [C]."""
-    return tl.sum(tl.where(o[None, :] == j, x, 0.), 1)
+    return vsum(tl.where(o[None, :] == j, x, 0.), 1)
 
 
 @triton.jit
 def diag(X, C: tl.constexpr):
     """X[t, t] of a [C, C] tile, as [C]."""
     o = tl.arange(0, C)
-    return tl.sum(tl.where(o[:, None] == o[None, :], X, 0.), 1)
+    return vsum(tl.where(o[:, None] == o[None, :], X, 0.), 1)
 
 
 @triton.jit
@@ -72,7 +92,7 @@ def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.const
     if safe:
         Y = eb * tl.dot(Xc.to(DT), Fn, input_precision=PREC)
     else:
-        Y = tl.zeros_like(F)
+        Y = tl.full(F.shape, 0., tl.float32)
         for j in range(C):
             xj = _col(Xc, o, j)
             fj = _row(F, o, j)
@@ -89,11 +109,11 @@ def op1t(X, F, b, eb, enb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.con
     if safe:
         Y = enb * tl.dot(tl.trans(Xc).to(DT), (F * eb).to(DT), input_precision=PREC)
     else:
-        Y = tl.zeros_like(F)
+        Y = tl.full(F.shape, 0., tl.float32)
         for j in range(C):
             xj = _col(Xc, o, j)
             bj = _row(b, o, j)
-            yj = tl.sum(xj[:, None] * F * tl.exp(tl.minimum(b - bj[None, :], 0.)), 0)
+            yj = vsum(xj[:, None] * F * tl.exp(tl.minimum(b - bj[None, :], 0.)), 0)
             Y = tl.where(o[:, None] == j, yj[None, :], Y)
     return Y
 
@@ -110,11 +130,11 @@ def op2(P, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.const
         X = tl.dot((P * eb).to(DT), tl.trans(Fn), input_precision=PREC)
         X = tl.where(causal, X, 0.)
     else:
-        X = tl.zeros([C, C], dtype=tl.float32)
+        X = tl.full([C, C], 0., tl.float32)
         for j in range(C):
             fj = _row(F, o, j)
             bj = _row(b, o, j)
-            xj = tl.sum(P * (fj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.))), 1)
+            xj = vsum(P * (fj[None, :] * tl.exp(tl.minimum(b - bj[None, :], 0.))), 1)
             X = tl.where((o[None, :] == j) & causal, xj[:, None], X)
     return X
 
@@ -128,13 +148,13 @@ def _excl_combine(a1, b1, a2, b2):
 def exclusive_cumsum(x):
     """sum_{i<t} x[i] along axis 0, by additions only (inclusive cumsum minus x[t] would cancel
     catastrophically when x[t] dominates the sum, e.g. a token's own undecayed state write)."""
-    return tl.associative_scan((tl.zeros_like(x), x), 0, _excl_combine)[0]
+    return tl.associative_scan((tl.full(x.shape, 0., x.dtype), x), 0, _excl_combine)[0]
 
 
 @triton.jit
 def masked_softmax(Z, m_m):
     """Row softmax over the slots of Z [C, BM] (fp32); padded slots get probability 0."""
     Zm = tl.where(m_m[None, :], Z, float("-inf"))
-    mx = tl.max(Zm, 1)
+    mx = vmax(Zm, 1)
     e = tl.exp(Zm - mx[:, None])
-    return e / tl.sum(e, 1)[:, None]
+    return e / vsum(e, 1)[:, None]

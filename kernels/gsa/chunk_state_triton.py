@@ -40,8 +40,8 @@ def _fwd_state_kernel(x, s, g, h0, snap, ht, seq, H: tl.constexpr, D: tl.constex
     if USE_H0:
         hs = tl.load(h0 + nh * (D * M) + st, mask=m_st, other=0.).to(tl.float32)
     else:
-        hs = tl.zeros([BD, BM], dtype=tl.float32)
-    nc = tl.cdiv(eos - bos, C)
+        hs = tl.full([BD, BM], 0., tl.float32)
+    nc = (eos - bos + C - 1) // C
     for j in range(nc):
         tl.store(snap + ((soff + j) * H + h) * (D * M) + st, hs.to(snap.dtype.element_ty), mask=m_st)
         rows = bos + j * C + o_t
@@ -77,8 +77,8 @@ def _bwd_state_kernel(x, f, g, dht, dsnap, dh0, seq, H: tl.constexpr, G: tl.cons
     if USE_DHT:
         hs = tl.load(dht + nh * (D * M) + st, mask=m_st, other=0.).to(tl.float32)
     else:
-        hs = tl.zeros([BD, BM], dtype=tl.float32)
-    nc = tl.cdiv(eos - bos, C)
+        hs = tl.full([BD, BM], 0., tl.float32)
+    nc = (eos - bos + C - 1) // C
     for jj in range(nc):
         j = nc - 1 - jj
         tl.store(dsnap + ((soff + j) * H + h) * (D * M) + st, hs.to(dsnap.dtype.element_ty), mask=m_st)
@@ -86,7 +86,7 @@ def _bwd_state_kernel(x, f, g, dht, dsnap, dh0, seq, H: tl.constexpr, G: tl.cons
         m_t = rows < eos
         b, b_end, eb, enb, safe = chunk_gates(g, bos * (H * M) + j * C * (H * M) + h * M, H * M, o_t, m_t,
                                               o_m, m_m, C, THR)
-        u = tl.zeros([BD, BM], dtype=tl.float32)
+        u = tl.full([BD, BM], 0., tl.float32)
         for i in range(G):
             hq = h * G + i
             xg = tl.load(x + rows[:, None] * (H * G * D) + hq * D + o_d[None, :],

@@ -20,8 +20,11 @@ from .chunk_fwd_triton import forward_output
 from .chunk_state_triton import backward_states, forward_states
 from .common_triton import chunk_tables, prepare
 
-# Tunables (the benchmark may override them): chunk size and warps per kernel family.
-CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 8, "warps_bwd": 8, "stages": 2}
+# Tunables (the benchmark may override them): chunk size, warps per kernel family, and the dtype
+# of the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
+# and logit gradients): "fp32", or "input" (bf16 for 16-bit inputs: half the bytes, about twice
+# the rounding error in the gradients).
+CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 8, "warps_bwd": 8, "stages": 2, "store": "fp32"}
 
 
 class ChunkGSAFunction(torch.autograd.Function):
@@ -65,6 +68,8 @@ def chunk_gsa_triton(q, k, v, s, g, scale=None, initial_state=None, output_final
     through the final states.
     """
     prep = prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, "chunk_gsa")
+    if CONFIG["store"] == "fp32":
+        prep.snap_dtype = prep.act_dtype = torch.float32
     hk0, hv0 = prep.hk0, prep.hv0
     o, ht_k, ht_v = ChunkGSAFunction.apply(prep.q, prep.k, prep.v, prep.s, prep.g, hk0, hv0, prep)
     return o, ((ht_k, ht_v) if output_final_state else None)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_intra_triton import vmax, vsum
 from .common_triton import prepare
 from .utils import GSAInputError
 
@@ -39,8 +40,8 @@ def _recurrent_kernel(q, k, v, s, g, h0k, h0v, o, htk, htv, cu, T, scale, H: tl.
         hk = tl.load(h0k + st_k, mask=m_km, other=0.).to(tl.float32)
         hv = tl.load(h0v + st_v, mask=m_mv, other=0.).to(tl.float32)
     else:
-        hk = tl.zeros([BK, BM], dtype=tl.float32)
-        hv = tl.zeros([BM, BV], dtype=tl.float32)
+        hk = tl.full([BK, BM], 0., tl.float32)
+        hv = tl.full([BM, BV], 0., tl.float32)
     for t in range(bos, eos):
         kt = tl.load(k + (t * H + h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         vt = tl.load(v + (t * H + h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
@@ -51,10 +52,10 @@ def _recurrent_kernel(q, k, v, s, g, h0k, h0v, o, htk, htv, cu, T, scale, H: tl.
         for i in range(G):
             hq = h * G + i
             qt = tl.load(q + (t * HQ + hq) * K + o_k, mask=m_k, other=0.).to(tl.float32)
-            z = tl.where(m_m, tl.sum(qt[:, None] * hk, 0) * scale, float("-inf"))
-            e = tl.exp(z - tl.max(z, 0))
-            p = e / tl.sum(e, 0)
-            ot = tl.sum(p[:, None] * hv, 0)
+            z = tl.where(m_m, vsum(qt[:, None] * hk, 0) * scale, float("-inf"))
+            e = tl.exp(z - vmax(z, 0))
+            p = e / vsum(e, 0)
+            ot = vsum(p[:, None] * hv, 0)
             tl.store(o + (t * HQ + hq) * V + o_v, ot.to(o.dtype.element_ty), mask=m_v)
     if STORE_FINAL:
         tl.store(htv + st_v, hv, mask=m_mv)
