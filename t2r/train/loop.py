@@ -65,6 +65,8 @@ class Run:
             raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
         trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else [])
         self.accelerator = Accelerator(
+            # without CUDA, processes started by `accelerate launch` (torchrun) join over gloo on the CPU
+            cpu=not torch.cuda.is_available(),
             mixed_precision=_precision(config.precision), log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(config.stages) > 1)],
@@ -152,6 +154,8 @@ class Run:
             group["lr"] = lr
         if self.config.optimizer.grad_clip:
             stats["grad_norm"] = float(acc.clip_grad_norm_(params, self.config.optimizer.grad_clip))
+            if not math.isfinite(stats["grad_norm"]):
+                raise RunStopped(self._nonfinite_message(stats["grad_norm"], "gradient norm"), exit_code=3)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         input_tokens = acc.reduce(torch.tensor(float(sum((b["labels"] != -100).sum() for b in batches)),
@@ -164,10 +168,10 @@ class Run:
         stats["lr"] = lr
         return stats
 
-    def _nonfinite_message(self, value) -> str:
+    def _nonfinite_message(self, value, what: str = "loss") -> str:
         latest = latest_checkpoint(self.out)
         keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-        return (f"loss became {value} at step {self.state.step + 1} (stage {self.config.stages[self.state.stage].name}); "
+        return (f"{what} became {value} at step {self.state.step + 1} (stage {self.config.stages[self.state.stage].name}); "
                 f"stopped before applying that update; {keep}. Lower the learning rate or check the data, "
                 "then continue with --resume")
 

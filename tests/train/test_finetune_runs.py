@@ -1,0 +1,134 @@
+"""Whole `t2r finetune` runs of configs/tiny.yaml: outputs, several processes, interruptions."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import t2r  # noqa: F401
+from t2r.train.checkpoint import latest_checkpoint
+from tests.kernels.gsa_inputs import rel_err
+from tests.train.runs import ENV, ROOT, finetune_cmd, metrics, run, start, wait_for_steps
+
+pytestmark = pytest.mark.slow
+LONG = ["stages.1.steps=24", "checkpoint.every_steps=4", "eval.every_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    r = run(finetune_cmd(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_run_writes_a_model_an_adapter_and_a_summary(tiny_run):
+    out, r = tiny_run
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == list(range(1, 11))
+    assert [m["stage"] for m in steps] == ["attention_transfer"] * 4 + ["finetune"] * 6
+    assert steps[3]["transfer_mse"] < steps[0]["transfer_mse"]  # attention transfer learns
+    summary = json.loads((out / "run_summary.json").read_text())
+    ev = summary["eval"]
+    assert ev["ppl_after"] < ev["converted_ppl_before"]  # finetuning helps on held-out modules
+    assert summary["tokens_seen"] == 10 * 8 * 128 and [s["steps"] for s in summary["stages"]] == [4, 6]
+    assert "held-out perplexity teacher_ppl" in r.stdout
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    ids = torch.randint(2, 258, (2, 33))
+    with torch.no_grad():
+        assert rel_err(merged(ids).logits, unmerged(ids).logits) < 1e-5
+    assert (out / "logs").is_dir() and any((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_two_processes_give_the_losses_of_one(tiny_run, tmp_path):
+    """accelerate launch, 2 processes (gloo on CPU) at the same global batch: same losses within 1e-5."""
+    out, _ = tiny_run
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu-2proc.yaml"), "--main_process_port", "29533",
+           "-m", "t2r.cli", "finetune", str(ROOT / "configs/tiny.yaml"), "--output-dir", str(tmp_path / "ddp"),
+           "--set", "batch.micro_batch_size=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = metrics(out), metrics(tmp_path / "ddp")
+    assert len(one) == len(two) == 10
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+        assert a["tokens"] == b["tokens"]
+
+
+def test_resume_after_kill_9_continues_exactly(tmp_path):
+    whole = run(finetune_cmd(tmp_path / "whole", *LONG))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = start(finetune_cmd(tmp_path / "killed", *LONG), tmp_path / "killed.log")
+    wait_for_steps(tmp_path / "killed", 14, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = latest_checkpoint(tmp_path / "killed")
+    assert ckpt is not None and 4 <= int(ckpt.name.split("-")[1]) <= 14
+    r = run(finetune_cmd(tmp_path / "killed", *LONG) + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {ckpt.name}" in r.stdout
+    assert [m["loss"] for m in metrics(tmp_path / "killed")] == [m["loss"] for m in metrics(tmp_path / "whole")]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = start(finetune_cmd(out, *LONG, "checkpoint.every_steps=1000"), tmp_path / "log")
+    wait_for_steps(out, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    log = (tmp_path / "log").read_text()
+    assert "--resume" in log
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 6  # the progress was kept
+    r = run(finetune_cmd(out, *LONG))
+    assert r.returncode == 2 and "pass --resume" in r.stderr  # never starts over a run by accident
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run(finetune_cmd(out, "stages.1.lr=1.0e+30", "stages.1.warmup_steps=0", "checkpoint.every_steps=4"))
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "became nan at step" in r.stderr or "became inf at step" in r.stderr
+    assert "last good checkpoint is" in r.stderr and "--resume" in r.stderr
+    assert latest_checkpoint(out).name == "step-0000004"
+    assert not (out / "model").exists()
+
+
+DISK_FULL = r"""
+import errno, sys
+from accelerate import Accelerator
+real = Accelerator.save_state
+calls = {"n": 0}
+def full_disk_after_first(self, output_dir=None, **kw):
+    calls["n"] += 1
+    if calls["n"] >= 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, output_dir, **kw)
+Accelerator.save_state = full_disk_after_first
+from t2r.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_failed_checkpoint_writes_leave_the_previous_one_usable(tmp_path):
+    """The disk fills after the first checkpoint: the run goes on, step 3 stays complete and resumable."""
+    out = tmp_path / "run"
+    cmd = finetune_cmd(out, "stages.1.steps=8", "checkpoint.every_steps=3", "eval.every_steps=100")
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, *cmd[3:]], capture_output=True, text=True, env=ENV,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "writing the checkpoint at step 6 failed" in r.stdout and "(step-0000003) is intact" in r.stdout
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["latest", "step-0000003"]
+    assert latest_checkpoint(out).name == "step-0000003"
+    first = metrics(out)
+    r = run(finetune_cmd(out, "stages.1.steps=8", "checkpoint.every_steps=3", "eval.every_steps=100") + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from step-0000003" in r.stdout
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in first]
