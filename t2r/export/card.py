@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..hub import ALIASES
+from ..hub import ALIAS_LICENSES, ALIASES
 
 TAGS = ["t2r", "gated-slot-attention", "linear-attention", "recurrent", "transformer-to-rnn"]
 # the GGUF behind the 'smollm2-135m' alias is a quantization of this checkpoint
@@ -65,11 +65,20 @@ def _num(x) -> str:
     return f"{x:,.2f}" if isinstance(x, float) else f"{x:,}"
 
 
+def teacher_name(info: CardInfo) -> str | None:
+    return (info.summary or {}).get("base_model") or info.config.get("base_model_name_or_path")
+
+
+def license_of(info: CardInfo) -> str | None:
+    """--license, else the run's record, else what t2r knows of the teacher's alias."""
+    teacher = teacher_name(info) or ""
+    return info.license or (info.summary or {}).get("license") or ALIAS_LICENSES.get(teacher.lower())
+
+
 def front_matter(info: CardInfo) -> str:
-    summary = info.summary or {}
-    teacher = summary.get("base_model") or info.config.get("base_model_name_or_path")
+    teacher = teacher_name(info)
     meta: dict = {}
-    license_ = info.license or summary.get("license")
+    license_ = license_of(info)
     if license_:
         license_ = str(license_).strip()
         if LICENSE_ID.match(license_.lower()):
@@ -87,8 +96,10 @@ def front_matter(info: CardInfo) -> str:
 
 
 def _about(info: CardInfo) -> list[str]:
-    c, summary = info.config, info.summary or {}
-    teacher = summary.get("base_model") or c.get("base_model_name_or_path") or "a pretrained model"
+    c = info.config
+    teacher = teacher_name(info) or "a pretrained model"
+    hub_id = hub_base_model(teacher)
+    named = f"`{teacher}`" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id and hub_id != teacher else "")
     L, gsa = c["num_hidden_layers"], list(c.get("gsa_layers") or [])
     softmax = [i for i in range(L) if i not in gsa]
     H, M, D = c["num_key_value_heads"], c["num_slots"], c["head_dim"]
@@ -97,10 +108,11 @@ def _about(info: CardInfo) -> list[str]:
     kv_token = 2 * H * D * kv_bytes
     what = "A LoRA adapter for a" if info.fmt == "adapter" else "A"
     lines = [
-        f"{what} `{teacher}` ({c.get('base_model_type', 'llama')} family) converted from softmax attention to "
+        f"{what} {named} ({c.get('base_model_type', 'llama')} family) converted from softmax attention to "
         "**Gated Slot Attention** (GSA), a linear-time recurrent layer with a fixed-size state, with "
         f"t2r {info.t2r_version} (Transformer-to-RNN finetuning). {len(gsa)} of its {L} attention layers are GSA"
-        + (f"; layers {layer_ranges(softmax)} keep the teacher's softmax attention (a hybrid)." if softmax else "."),
+        + (f"; {'layers' if len(softmax) > 1 else 'layer'} {layer_ranges(softmax)} "
+           f"{'keep' if len(softmax) > 1 else 'keeps'} the teacher's softmax attention (a hybrid)." if softmax else "."),
         "",
         f"Decoding memory: the GSA layers carry a recurrent state of {_kib(state)} per sequence whatever the context "
         "length" + (f", plus a KV cache of {_kib(len(softmax) * kv_token)} per token for the softmax layers"
@@ -119,6 +131,7 @@ def _conversion(info: CardInfo) -> list[str]:
     if scale is None:
         scale = 1.0 if c.get("feature_map") == "swish" else c["head_dim"] ** -0.5
     rows = [
+        ("teacher", f"`{teacher_name(info)}` ({c.get('base_model_type')})"),
         ("GSA layers", f"{layer_ranges(c.get('gsa_layers') or [])} ({len(c.get('gsa_layers') or [])} of "
                        f"{c['num_hidden_layers']})"),
         ("memory slots per kv head", c["num_slots"]),
@@ -180,7 +193,7 @@ def _usage_model(info: CardInfo) -> list[str]:
         "installed the GSA layers run t2r's Triton kernels, elsewhere a torch implementation.", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{loc}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{loc}")', gen, "```", "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{loc}", trust_remote_code=True)', gen, "```", "",
         "With t2r installed, `import t2r` registers the model type and no remote code runs:", "",
         "```python", "import t2r  # registers the t2r model type with transformers",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -219,8 +232,7 @@ def _files(info: CardInfo) -> list[str]:
 
 
 def _license(info: CardInfo) -> list[str]:
-    license_ = info.license or (info.summary or {}).get("license")
-    teacher = (info.summary or {}).get("base_model") or info.config.get("base_model_name_or_path")
+    license_, teacher = license_of(info), teacher_name(info)
     if license_:
         return ["## License", "", f"`{license_}`, carried over from the base model `{teacher}`: its terms apply to "
                 "this derivative."]

@@ -3,7 +3,9 @@ every weight file against its config before anything is loaded, and load weights
 safetensors only (a pickle can run code when it is loaded: t2r never opens one)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,9 @@ def inspect_source(source: str | Path) -> Source:
             return Source(path, "adapter-export", adapter_dir=path)
         raise T2RError(f"{path} is a LoRA adapter folder; pass the run output (or checkpoint) that holds it next "
                        f"to base/ (e.g. {path.parent}), so the export knows which model it goes on")
+    elif (path / "trainer_state.json").is_file():
+        raise T2RError(f"{path} holds only training state (trainer_state.json), no model/ folder to export; export "
+                       "the run's output folder once the run has finished (or a checkpoint that has model/)")
     else:
         raise T2RError(f"{path} is not a t2r folder: it has no config.json, model/ or adapter/; {SOURCE_HELP}")
     src.summary_path = _find_summary(path, src.kind)
@@ -231,6 +236,16 @@ def load_model(folder: Path, dtype: torch.dtype | str = "auto"):
     return T2RForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=dtype).eval()
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft warns that the adapter's recorded base path differs (it is stale by design: the base is
+    SOURCE/base) and transformers about a deprecated name peft calls; neither is the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def read_lora_config(adapter_dir: Path):
     from peft import LoraConfig
 
@@ -256,7 +271,7 @@ def validate_adapter(adapter_dir: Path, base_config) -> None:
     lora = read_lora_config(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise T2RError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; the adapter is incomplete: export again from the run")
-    with torch.device("meta"):
+    with torch.device("meta"), _quiet_peft():
         peft_model = get_peft_model(T2RForCausalLM(base_config), lora)
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     weights = adapter_dir / ADAPTER_WEIGHTS
@@ -273,6 +288,7 @@ def load_merged(base_dir: Path, adapter_dir: Path):
     validate_adapter(adapter_dir, base_config)
     base = load_model(base_dir, dtype=torch.float32)
     saved_dtype = getattr(base_config, "dtype", None)
-    peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-    merged = peft_model.merge_and_unload()
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        merged = peft_model.merge_and_unload()
     return merged.eval(), saved_dtype
