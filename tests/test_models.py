@@ -130,3 +130,22 @@ def test_packed_documents_do_not_see_each_other():
             assert rel_err(packed[start:start + len(doc)], alone) < 1e-5
     with pytest.raises(ValueError, match="row boundary"):
         model(rows, cu_seqlens=torch.tensor([0, 5, 25, 40]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, model, _ = converted("mistral", softmax_layers="1")
+    ids = torch.randint(2, 258, (2, 24))
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for n in plain:
+        assert rel_err(checkpointed[n], plain[n]) < 1e-5, n

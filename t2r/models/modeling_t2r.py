@@ -212,12 +212,17 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
 
     def _attention_transfer(self, input_ids, attention_mask, position_ids, cu_seqlens):
         layers = [m for m in self.modules() if isinstance(m, GatedSlotAttention)]
+        checkpointing = self.model.gradient_checkpointing
+        # No activation checkpointing here: the trunk keeps no graph (the teacher's hidden states
+        # flow on), and a recompute in backward would run outside transfer mode.
+        self.model.gradient_checkpointing = False
         for m in layers:
             m.transfer = True
         try:
             self.model(input_ids, attention_mask, position_ids, None, None, cu_seqlens)
             errors = torch.stack([m.transfer_error for m in layers]).sum(0)  # [B, T]
         finally:
+            self.model.gradient_checkpointing = checkpointing
             for m in layers:
                 m.transfer, m.transfer_error = False, None
         if attention_mask is not None:

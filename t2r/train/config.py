@@ -140,8 +140,10 @@ def _set_path(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
     for i, key in enumerate(keys[:-1]):
-        child = node[int(key)] if isinstance(node, list) and key.isdigit() else node.get(key) \
-            if isinstance(node, dict) else None
+        if isinstance(node, list):
+            child = node[int(key)] if key.isdigit() and int(key) < len(node) else None
+        else:
+            child = node.get(key) if isinstance(node, dict) else None
         if child is None:
             if isinstance(node, dict):
                 child = node[key] = {}

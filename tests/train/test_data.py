@@ -1,0 +1,115 @@
+"""Data: real `datasets` over the stdlib corpus and local files; packing, boundaries, caching, order."""
+import json
+
+import pytest
+import torch
+
+from t2r.hub import T2RError
+from t2r.tiny import byte_level_tokenizer
+from t2r.train.config import DataConfig
+from t2r.train.data import RowOrder, collate, load_documents, tokenize_and_pack
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_level_tokenizer()
+
+
+def test_stdlib_corpus_splits_held_out_modules_apart():
+    cfg = DataConfig(dataset="python-stdlib", max_documents=200, held_out=0.2)
+    train, held = load_documents(cfg)
+    train_paths, held_paths = set(train["path"]), set(held["path"])
+    assert not train_paths & held_paths and len(train_paths) + len(held_paths) == 200
+    assert 20 <= len(held_paths) <= 60  # ~20% of modules
+    again_train, _ = load_documents(cfg)
+    assert set(again_train["path"]) == train_paths  # the same split every time (and in every process)
+
+
+def test_packed_rows_keep_document_boundaries(tok):
+    docs = ["def a():\n    return 1\n", "x = 2\n" * 30, "import os\n"]
+    from datasets import Dataset
+
+    cfg = DataConfig(dataset="python-stdlib", seq_len=64)
+    rows = tokenize_and_pack(Dataset.from_dict({"text": docs}), tok, cfg, cache_dir=None)
+    lengths = [len(tok(d)["input_ids"]) + 1 for d in docs]  # + EOS
+    assert all(len(r["input_ids"]) == 64 for r in rows)
+    assert len(rows) == sum(lengths) // 64  # the partial last row is dropped
+    flat = [t for r in rows for t in r["input_ids"]]
+    assert flat[lengths[0] - 1] == tok.eos_token_id  # every document ends with EOS
+    assert [n for r in rows for n in r["doc_lens"]][:2] == [lengths[0], 64 - lengths[0]]
+    batch = collate([rows[0], rows[1]], tok.pad_token_id)
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[0] == 0 and cu[-1] == 128 and 64 in cu and lengths[0] in cu
+    assert torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_unpacked_rows_are_padded_with_a_mask(tok):
+    from datasets import Dataset
+
+    cfg = DataConfig(dataset="python-stdlib", seq_len=16, packing=False)
+    rows = tokenize_and_pack(Dataset.from_dict({"text": ["ab", "a much longer document here"]}), tok, cfg, None)
+    batch = collate(list(rows), tok.pad_token_id)
+    assert "cu_seqlens" not in batch and batch["attention_mask"].tolist()[0] == [1] * 3 + [0] * 13
+    assert (batch["labels"][0, 3:] == -100).all() and len(rows[1]["input_ids"]) == 16
+
+
+def test_tokenization_is_cached_on_disk(tok, tmp_path):
+    cfg = DataConfig(dataset="python-stdlib", max_documents=30, held_out=0, seq_len=64)
+    train, _ = load_documents(cfg)
+    first = tokenize_and_pack(train, tok, cfg, tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.endswith(".arrow") for f in files)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    second = tokenize_and_pack(load_documents(cfg)[0], tok, cfg, tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps  # reused, not rewritten
+    assert first["input_ids"] == second["input_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
+def test_local_files(tmp_path, fmt, tok):
+    texts = [f"document {i}\n" + "word " * (i + 3) for i in range(12)]
+    if fmt == "txt":
+        for i, t in enumerate(texts):
+            (tmp_path / f"d{i}.txt").write_text(t)
+    elif fmt == "jsonl":
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    else:
+        from datasets import Dataset
+
+        Dataset.from_dict({"body": texts}).to_parquet(str(tmp_path / "d.parquet"))
+    field = "text" if fmt == "txt" else "body"
+    cfg = DataConfig(files=[str(tmp_path / f"*.{fmt}")], text_field=field, held_out=2, seq_len=16)
+    train, held = load_documents(cfg)
+    assert len(train) == 10 and len(held) == 2
+    assert sorted(list(train[field]) + list(held[field])) == sorted(texts)  # whole files are documents
+
+
+def test_data_errors_name_the_problem(tmp_path):
+    with pytest.raises(T2RError, match="matches no file"):
+        load_documents(DataConfig(files=[str(tmp_path / "none*.txt")]))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(T2RError, match="text_field 'text' is not a column.*'body'"):
+        load_documents(DataConfig(files=[str(tmp_path / "a.jsonl")]))
+
+
+def test_streaming_gives_the_rows_of_the_map_style_path(tok):
+    cfg = DataConfig(dataset="python-stdlib", max_documents=40, held_out=0.1, seq_len=64)
+    rows = tokenize_and_pack(load_documents(cfg)[0], tok, cfg, None)
+    stream_cfg = cfg.model_copy(update={"streaming": True})
+    streamed = tokenize_and_pack(load_documents(stream_cfg)[0], tok, stream_cfg, None)
+    first = [r["input_ids"] for _, r in zip(range(5), streamed)]
+    assert first == rows["input_ids"][:5]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_row_order_is_deterministic_and_resumable(tok, streaming):
+    cfg = DataConfig(dataset="python-stdlib", max_documents=15, held_out=0, seq_len=256, streaming=streaming)
+    rows = tokenize_and_pack(load_documents(cfg)[0], tok, cfg, None)
+    order = RowOrder(rows, seed=3, shuffle_buffer=50)
+    n = len(list(rows)) if streaming else len(rows)
+    epoch_and_a_half = order.take(0, n + n // 2)
+    resumed = RowOrder(rows, seed=3, shuffle_buffer=50).take(n - 2, 4)  # across the epoch boundary
+    assert [r["input_ids"] for r in resumed] == [r["input_ids"] for r in epoch_and_a_half[n - 2:n + 2]]
+    first_epoch = sorted(tuple(r["input_ids"]) for r in epoch_and_a_half[:n])
+    assert first_epoch == sorted(tuple(r["input_ids"]) for r in rows)  # each row once per epoch
+    assert [r["input_ids"] for r in epoch_and_a_half[:n]] != [r["input_ids"] for r in rows] or n < 3
