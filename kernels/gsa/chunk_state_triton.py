@@ -22,21 +22,17 @@ from .chunk_intra_triton import THRESH, chunk_gates
 
 
 @triton.jit
-def _fwd_state_kernel(x, s, g, h0, snap, ht, seq, H: tl.constexpr, D: tl.constexpr, M: tl.constexpr,
-                      sd: tl.constexpr, sm: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
-                      BM: tl.constexpr, USE_H0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                      THR: tl.constexpr):
-    pd, nh = tl.program_id(0), tl.program_id(1)
-    n, h = nh // H, nh % H
-    bos = tl.load(seq + n * 3).to(tl.int64)
-    eos = tl.load(seq + n * 3 + 1).to(tl.int64)
-    soff = tl.load(seq + n * 3 + 2).to(tl.int64)
+def _fwd_state_tile(x, s, g, h0, snap, ht, pd, n, h, bos, eos, soff, H: tl.constexpr, D: tl.constexpr,
+                    M: tl.constexpr, sd: tl.constexpr, sm: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                    BM: tl.constexpr, USE_H0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                    THR: tl.constexpr):
     o_t = tl.arange(0, C)
     o_d = pd * BD + tl.arange(0, BD)
     o_m = tl.arange(0, BM)
     m_d, m_m = o_d < D, o_m < M
     st = o_d[:, None] * sd + o_m[None, :] * sm
     m_st = m_d[:, None] & m_m[None, :]
+    nh = n * H + h
     if USE_H0:
         hs = tl.load(h0 + nh * (D * M) + st, mask=m_st, other=0.).to(tl.float32)
     else:
@@ -59,21 +55,37 @@ def _fwd_state_kernel(x, s, g, h0, snap, ht, seq, H: tl.constexpr, D: tl.constex
 
 
 @triton.jit
-def _bwd_state_kernel(x, f, g, dht, dsnap, dh0, seq, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                      M: tl.constexpr, sd: tl.constexpr, sm: tl.constexpr, C: tl.constexpr,
-                      BD: tl.constexpr, BM: tl.constexpr, USE_DHT: tl.constexpr, DT: tl.constexpr,
-                      PREC: tl.constexpr, THR: tl.constexpr):
+def _fwd_state_kernel(k, v, s, g, h0k, h0v, snap_k, snap_v, htk, htv, seq, H: tl.constexpr, K: tl.constexpr,
+                      V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                      NBK: tl.constexpr, USE_H0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                      THR: tl.constexpr):
+    """Programs pd < NBK own row tiles of the slot keys [K, M]; the others column tiles of the slot
+    values [M, V] (seen as [V, M]). Both kinds run in one launch: each walks its chunks in order."""
     pd, nh = tl.program_id(0), tl.program_id(1)
     n, h = nh // H, nh % H
     bos = tl.load(seq + n * 3).to(tl.int64)
     eos = tl.load(seq + n * 3 + 1).to(tl.int64)
     soff = tl.load(seq + n * 3 + 2).to(tl.int64)
+    if pd < NBK:
+        _fwd_state_tile(k, s, g, h0k, snap_k, htk, pd, n, h, bos, eos, soff, H, K, M, M, 1, C, BD, BM, USE_H0, DT,
+                        PREC, THR)
+    else:
+        _fwd_state_tile(v, s, g, h0v, snap_v, htv, pd - NBK, n, h, bos, eos, soff, H, V, M, 1, V, C, BD, BM, USE_H0,
+                        DT, PREC, THR)
+
+
+@triton.jit
+def _bwd_state_tile(x, f, g, dht, dsnap, dh0, pd, n, h, bos, eos, soff, H: tl.constexpr, G: tl.constexpr,
+                    D: tl.constexpr, M: tl.constexpr, sd: tl.constexpr, sm: tl.constexpr, C: tl.constexpr,
+                    BD: tl.constexpr, BM: tl.constexpr, USE_DHT: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr, THR: tl.constexpr):
     o_t = tl.arange(0, C)
     o_d = pd * BD + tl.arange(0, BD)
     o_m = tl.arange(0, BM)
     m_d, m_m = o_d < D, o_m < M
     st = o_d[:, None] * sd + o_m[None, :] * sm
     m_st = m_d[:, None] & m_m[None, :]
+    nh = n * H + h
     if USE_DHT:
         hs = tl.load(dht + nh * (D * M) + st, mask=m_st, other=0.).to(tl.float32)
     else:
@@ -98,10 +110,28 @@ def _bwd_state_kernel(x, f, g, dht, dsnap, dh0, seq, H: tl.constexpr, G: tl.cons
     tl.store(dh0 + nh * (D * M) + st, hs, mask=m_st)
 
 
+@triton.jit
+def _bwd_state_kernel(q, do, dy, prob, g, dhtk, dhtv, ds_k, ds_v, dh0k, dh0v, seq, H: tl.constexpr,
+                      G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
+                      BD: tl.constexpr, BM: tl.constexpr, NBK: tl.constexpr, USE_DHT: tl.constexpr,
+                      DT: tl.constexpr, PREC: tl.constexpr, THR: tl.constexpr):
+    pd, nh = tl.program_id(0), tl.program_id(1)
+    n, h = nh // H, nh % H
+    bos = tl.load(seq + n * 3).to(tl.int64)
+    eos = tl.load(seq + n * 3 + 1).to(tl.int64)
+    soff = tl.load(seq + n * 3 + 2).to(tl.int64)
+    if pd < NBK:
+        _bwd_state_tile(q, dy, g, dhtk, ds_k, dh0k, pd, n, h, bos, eos, soff, H, G, K, M, M, 1, C, BD, BM, USE_DHT,
+                        DT, PREC, THR)
+    else:
+        _bwd_state_tile(do, prob, g, dhtv, ds_v, dh0v, pd - NBK, n, h, bos, eos, soff, H, G, V, M, 1, V, C, BD, BM,
+                        USE_DHT, DT, PREC, THR)
+
+
 def _block_d(D: int, programs: int) -> int:
     """Tile rows per program: 64, or fewer when there are too few (sequence, head) pairs to fill the GPU."""
     bd = min(64, max(16, triton.next_power_of_2(D)))
-    while bd > 16 and programs * triton.cdiv(D, bd) < 256:
+    while bd > 16 and programs * triton.cdiv(D, bd) < 512:
         bd //= 2
     return bd
 
@@ -115,13 +145,13 @@ def forward_states(p, seq, n_snap, C, num_warps=4, num_stages=2):
     ht_k = torch.empty(d.N, d.H, d.K, d.M, device=dev, dtype=torch.float32)
     ht_v = torch.empty(d.N, d.H, d.M, d.V, device=dev, dtype=torch.float32)
     use_h0 = p.hk0 is not None
-    for x, D, h0, snap, ht, sd, sm in ((p.k, d.K, p.hk0, snap_k, ht_k, d.M, 1),
-                                       (p.v, d.V, p.hv0, snap_v, ht_v, 1, d.V)):
-        BD = _block_d(D, d.N * d.H)
-        _fwd_state_kernel[(triton.cdiv(D, BD), d.N * d.H)](
-            x, p.s, p.g, h0 if use_h0 else ht, snap, ht, seq, H=d.H, D=D, M=d.M, sd=sd, sm=sm, C=C,
-            BD=BD, BM=p.BM, USE_H0=use_h0, DT=p.DT, PREC=p.PREC, THR=THRESH,
-            num_warps=num_warps, num_stages=num_stages)
+    BD = _block_d(max(d.K, d.V), 2 * d.N * d.H)
+    nbk = triton.cdiv(d.K, BD)
+    if d.N:
+        _fwd_state_kernel[(nbk + triton.cdiv(d.V, BD), d.N * d.H)](
+            p.k, p.v, p.s, p.g, p.hk0 if use_h0 else ht_k, p.hv0 if use_h0 else ht_v, snap_k, snap_v, ht_k, ht_v,
+            seq, H=d.H, K=d.K, V=d.V, M=d.M, C=C, BD=BD, BM=p.BM, NBK=nbk, USE_H0=use_h0, DT=p.DT, PREC=p.PREC,
+            THR=THRESH, num_warps=num_warps, num_stages=num_stages)
     return snap_k, snap_v, ht_k, ht_v
 
 
@@ -134,11 +164,11 @@ def backward_states(p, q, do, dy, prob, dht_k, dht_v, seq, n_snap, C, num_warps=
     dh0_k = torch.empty(d.N, d.H, d.K, d.M, device=dev, dtype=torch.float32)
     dh0_v = torch.empty(d.N, d.H, d.M, d.V, device=dev, dtype=torch.float32)
     use_dht = dht_k is not None
-    for x, f, D, dht, dsn, dh0, sd, sm in ((q, dy, d.K, dht_k, ds_k, dh0_k, d.M, 1),
-                                           (do, prob, d.V, dht_v, ds_v, dh0_v, 1, d.V)):
-        BD = _block_d(D, d.N * d.H)
-        _bwd_state_kernel[(triton.cdiv(D, BD), d.N * d.H)](
-            x, f, p.g, dht if use_dht else dh0, dsn, dh0, seq, H=d.H, G=d.G, D=D, M=d.M, sd=sd, sm=sm,
-            C=C, BD=BD, BM=p.BM, USE_DHT=use_dht, DT=p.DT, PREC=p.PREC, THR=THRESH,
-            num_warps=num_warps, num_stages=num_stages)
+    BD = _block_d(max(d.K, d.V), 2 * d.N * d.H)
+    nbk = triton.cdiv(d.K, BD)
+    if d.N:
+        _bwd_state_kernel[(nbk + triton.cdiv(d.V, BD), d.N * d.H)](
+            q, do, dy, prob, p.g, dht_k if use_dht else dh0_k, dht_v if use_dht else dh0_v, ds_k, ds_v, dh0_k, dh0_v,
+            seq, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BD=BD, BM=p.BM, NBK=nbk, USE_DHT=use_dht, DT=p.DT,
+            PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
     return ds_k, ds_v, dh0_k, dh0_v
