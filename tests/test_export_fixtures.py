@@ -8,6 +8,7 @@ import os
 import site
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ IDS = torch.tensor([[5, 77, 180, 33, 2, 250, 91, 14, 66, 120, 7, 201, 45, 99],
 def save_converted(folder: Path, family: str = "llama", seed: int = 0, dtype=torch.float32, **options):
     """Convert a tiny random teacher and save it like ``t2r convert`` does; return the model."""
     teacher, tok = tiny_teacher(family, seed=seed)
-    model = convert_model(teacher.to(dtype), ConversionOptions(num_slots=8, **options),
+    model = convert_model(teacher.to(dtype), ConversionOptions(**{"num_slots": 8, **options}),
                           source=f"tiny-random-{family}")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -54,15 +55,19 @@ def make_run(root: Path, lora: bool = True, family: str = "llama", checkpoint: b
     root.mkdir(parents=True, exist_ok=True)
     base = save_converted(root / "base", family, **options)
     if lora:
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
-                                                modules_to_save=GSA_MODULES, task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers, about a name peft calls
+            model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                                    modules_to_save=GSA_MODULES, task_type="CAUSAL_LM"))
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # as if trained: LoRA B is zero at init, and the saved copies change
             for name, p in model.named_parameters():
                 if "lora_" in name or "modules_to_save" in name:
                     p.add_(0.05 * torch.randn(p.shape, generator=gen))
         model.peft_config["default"].base_model_name_or_path = "/gone/old-machine/run/base"  # stale
-        model.save_pretrained(root / "adapter")
+        with warnings.catch_warnings():  # peft: no config at the stale path, transformers: a deprecated name
+            warnings.simplefilter("ignore")
+            model.save_pretrained(root / "adapter")
         with torch.no_grad():
             reference = model(IDS).logits
         merged = model.merge_and_unload()

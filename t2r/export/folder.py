@@ -154,7 +154,7 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
     from safetensors.torch import load_file, save_file
 
     base_config = validate_model_folder(src.base_dir)
-    validate_adapter(src.adapter_dir, base_config)
+    validate_adapter(src.adapter_dir, base_config, src.base_dir)
     lora = read_lora_config(src.adapter_dir)
     tensors = load_file(src.adapter_dir / ADAPTER_WEIGHTS)
     if options.dtype:

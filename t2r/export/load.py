@@ -19,6 +19,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "t2r_export.json"
+REMAKE = "restore it from a copy, or make it again (t2r convert, a finetune run, or t2r export)"
 SOURCE_HELP = ("SOURCE is a finetune run's output folder, one of its checkpoints (OUTPUT/checkpoints/step-N), "
                "a converted folder (t2r convert) or an export")
 
@@ -90,6 +91,10 @@ def inspect_source(source: str | Path) -> Source:
             return Source(path, "adapter-export", adapter_dir=path)
         raise T2RError(f"{path} is a LoRA adapter folder; pass the run output (or checkpoint) that holds it next "
                        f"to base/ (e.g. {path.parent}), so the export knows which model it goes on")
+    elif path.name == "checkpoints" and any(path.glob("step-*")):
+        latest = sorted(p.name for p in path.glob("step-*") if p.is_dir())[-1]
+        raise T2RError(f"{path} holds several checkpoints; pass one of them (e.g. {path / latest}) or the run output "
+                       f"({path.parent})")
     elif (path / "trainer_state.json").is_file():
         raise T2RError(f"{path} holds only training state (trainer_state.json), no model/ folder to export; export "
                        "the run's output folder once the run has finished (or a checkpoint that has model/)")
@@ -119,31 +124,31 @@ def weight_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         weight_map = read_json(index, "the weight index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise T2RError(f"{index} has no weight_map; the weights are incomplete: export again")
+            raise T2RError(f"{index} has no weight_map; the weights are incomplete: {REMAKE}")
         files = sorted(set(weight_map.values()))
     elif (folder / WEIGHTS).is_file():
         files, weight_map = [WEIGHTS], None
     else:
         raise T2RError(f"{folder} has no {WEIGHTS} (nor a sharded {WEIGHTS_INDEX}); the folder is incomplete: "
-                       "convert or export again")
+                       f"{REMAKE}")
     located: dict[str, Path] = {}
     for name in files:
         path = folder / name
         if not path.is_file():
-            raise T2RError(f"{path} is missing (named in {index.name}); the folder is incomplete: copy it back or "
-                           "export again")
+            raise T2RError(f"{path} is missing (named in {index.name}); the folder is incomplete: "
+                           f"{REMAKE}")
         try:
             with safe_open(path, "pt") as f:
                 keys = list(f.keys())
         except (SafetensorError, OSError) as e:
-            raise T2RError(f"{path} is not a readable safetensors file ({e}); the folder is damaged: export again")
+            raise T2RError(f"{path} is not a readable safetensors file ({e}); the folder is damaged: {REMAKE}")
         for k in keys:
             located[k] = path
     if weight_map is not None:
         listed_missing = sorted(k for k, f in weight_map.items() if k not in located or located[k].name != f)
         if listed_missing:
             raise T2RError(f"{index}: tensor {listed_missing[0]} is listed in {weight_map[listed_missing[0]]} but is "
-                           "not there; the folder is damaged: export again")
+                           f"not there; the folder is damaged: {REMAKE}")
     return located
 
 
@@ -158,7 +163,7 @@ def tensor_shapes(located: dict[str, Path]) -> dict[str, tuple[int, ...]]:
                 for k in f.keys():
                     shapes[k] = tuple(f.get_slice(k).get_shape())
         except (SafetensorError, OSError) as e:
-            raise T2RError(f"{path} is not a readable safetensors file ({e}); the folder is damaged: export again")
+            raise T2RError(f"{path} is not a readable safetensors file ({e}); the folder is damaged: {REMAKE}")
     return shapes
 
 
@@ -168,27 +173,29 @@ def _describe(names: list[str], limit: int = 5) -> str:
 
 
 def compare_tensors(expected: dict[str, tuple[int, ...]], located: dict[str, Path], config_file: Path,
-                    optional: set[str] = frozenset(), hint: str = "") -> None:
+                    optional: set[str] = frozenset(), implied_by: str | None = None,
+                    what_to_do: str | None = None) -> None:
     """Raise T2RError naming the file and tensor when the files and their config disagree."""
     shapes = tensor_shapes(located)
     missing = sorted(set(expected) - set(shapes) - set(optional))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k]) != shapes[k])
-    what_to_do = (f"the weights and {config_file.name} disagree: if {config_file.name} was edited, restore the one "
-                  "saved with these weights; otherwise the folder is damaged or from another model: export again "
-                  "from the run's output" + hint)
+    implied_by = implied_by or str(config_file)
+    what_to_do = what_to_do or (
+        f"the weights and {config_file.name} disagree: if {config_file.name} was edited, restore the one saved with "
+        f"these weights; otherwise the folder is damaged or from another model: {REMAKE}")
     if wrong:
         k = wrong[0]
-        raise T2RError(f"{located[k]}: tensor {k} has shape {list(shapes[k])}, but {config_file} implies "
+        raise T2RError(f"{located[k]}: tensor {k} has shape {list(shapes[k])}, but {implied_by} implies "
                        f"{list(expected[k])}" + (f" ({len(wrong)} tensors differ)" if len(wrong) > 1 else "")
                        + f"; {what_to_do}")
     if missing:
         files = ", ".join(sorted({p.name for p in located.values()}))
-        raise T2RError(f"{config_file.parent}: {files} lacks {len(missing)} tensor(s) that {config_file.name} "
+        raise T2RError(f"{config_file.parent}: {files} lacks {len(missing)} tensor(s) that {implied_by} "
                        f"needs: {_describe(missing)}; {what_to_do}")
     if unexpected:
         k = unexpected[0]
-        raise T2RError(f"{located[k]}: {len(unexpected)} tensor(s) that {config_file} has no place for: "
+        raise T2RError(f"{located[k]}: {len(unexpected)} tensor(s) that {implied_by} has no place for: "
                        f"{_describe(unexpected)}; {what_to_do}")
 
 
@@ -261,7 +268,7 @@ def read_lora_config(adapter_dir: Path):
         raise T2RError(f"{path}: not a LoRA config peft can read ({e})")
 
 
-def validate_adapter(adapter_dir: Path, base_config) -> None:
+def validate_adapter(adapter_dir: Path, base_config, base_dir: Path | None = None) -> None:
     """Check the adapter's tensors against the LoRA layers its config puts on the base model."""
     from peft import get_peft_model, get_peft_model_state_dict
 
@@ -276,8 +283,12 @@ def validate_adapter(adapter_dir: Path, base_config) -> None:
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     weights = adapter_dir / ADAPTER_WEIGHTS
     located = {k: weights for k in tensor_shapes({"": weights})}  # one file: every tensor is in it
+    base_json = (base_dir / "config.json") if base_dir is not None else Path("the base config.json")
     compare_tensors(expected, located, adapter_dir / ADAPTER_CONFIG,
-                    hint=" (or the adapter belongs to another base model than base/)")
+                    implied_by=f"the base model's {base_json} with {ADAPTER_CONFIG}",
+                    what_to_do=f"the adapter does not fit the model in {base_json.parent}: it was trained on another "
+                               "base (or a config was edited); export the run output the adapter came from, whose "
+                               "base/ is the model it was trained on")
 
 
 def load_merged(base_dir: Path, adapter_dir: Path):
@@ -285,7 +296,7 @@ def load_merged(base_dir: Path, adapter_dir: Path):
     from peft import PeftModel
 
     base_config = validate_model_folder(base_dir)
-    validate_adapter(adapter_dir, base_config)
+    validate_adapter(adapter_dir, base_config, base_dir)
     base = load_model(base_dir, dtype=torch.float32)
     saved_dtype = getattr(base_config, "dtype", None)
     with _quiet_peft():
