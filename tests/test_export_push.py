@@ -121,7 +121,8 @@ def test_bad_repo_ids_and_flag_combinations_are_refused_before_any_work(tmp_path
     cases = [(["--out", "e", "--push-to-hub", "a/b/c"], "is not a Hub repo id"),
              (["--out", "e", "--private"], "--private applies to --push-to-hub"),
              (["--push-to-hub", "my-org/x"], "--out is required"),
-             (["--out", "e", "--base-id", "o/b"], "add --adapter-only")]
+             (["--out", "e", "--base-id", "o/b"], "add --adapter-only"),
+             (["--out", "e", "--max-shard-size", "5 gigs"], "--max-shard-size '5 gigs' is not a size")]
     for args, message in cases:
         assert main(["export", str(root), *[str(tmp_path / a) if a == "e" else a for a in args]]) == 2
         assert message in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 TOKENIZER_DIRS = ("additional_chat_templates",)
 MODES = ("auto", "merge", "adapter")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '300KiB' -> 307_200 (units as transformers reads them)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise T2RError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "").upper()])
 
 
 @dataclass
@@ -138,7 +149,7 @@ def write_model(tmp: Path, src: Source, mode: str, options: ExportOptions, locat
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(files_from)
-    model.save_pretrained(tmp, max_shard_size=options.max_shard_size)
+    model.save_pretrained(tmp, max_shard_size=parse_size(options.max_shard_size))
     copy_tokenizer(files_from, tmp)
     modeling, notes = write_remote_code(tmp)
     for note in notes:
@@ -217,6 +228,7 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
         raise ValueError(f"mode {options.mode!r} is not one of {MODES}")
     if options.dtype is not None and options.dtype not in DTYPES:
         raise T2RError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    parse_size(options.max_shard_size)
     src = inspect_source(source)
     if out is None:
         if not options.push_to_hub or src.kind not in ("export", "adapter-export"):

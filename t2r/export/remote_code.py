@@ -166,13 +166,19 @@ def _absolute_top(node: ast.AST) -> list[str]:
     return [node.module.split(".")[0]] if node.level == 0 and node.module else []
 
 
+def _on_own_lines(node: ast.AST, lines: list[str]) -> bool:
+    """Nothing but indentation before the statement and at most a comment after it (it is rewritten)."""
+    after = lines[node.end_lineno - 1][node.end_col_offset:].strip()
+    return not lines[node.lineno - 1][:node.col_offset].strip() and (not after or after.startswith("#"))
+
+
 def _edits(module: FlatModule, closure: dict[str, FlatModule | None], lines: list[str]) -> list[_Edit]:
     edits, guarded = [], []
     for node, in_try, _ in _walk(module.tree):
         span = ((node.lineno, node.col_offset), (node.end_lineno, node.end_col_offset))
-        if lines[node.lineno - 1][:node.col_offset].strip():
-            raise RemoteCodeError(f"{module.origin}:{node.lineno}: put this import on its own line")
         target = module.imports.get(id(node))
+        if (target is not None or set(_absolute_top(node)) & OPTIONAL) and not _on_own_lines(node, lines):
+            raise RemoteCodeError(f"{module.origin}:{node.lineno}: put this import on a line of its own")
         if target is not None:
             dep = closure[target]
             if dep is None:  # a lazily imported module that does not exist: fail there, as t2r does
