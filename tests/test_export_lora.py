@@ -67,6 +67,7 @@ def test_adapter_only_export_loads_with_peft_on_the_converted_base(run, tmp_path
     assert manifest["format"] == "adapter" and manifest["base"]["config"]["num_slots"] == 8
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and 'PeftModel.from_pretrained(base, "' in card
+    assert "base_model: my-org/smollm2-gsa-base\nbase_model_relation: adapter" in card
     assert "AutoModelForCausalLM.from_pretrained(\"my-org/smollm2-gsa-base\")" in card
 
 

@@ -86,6 +86,8 @@ def front_matter(info: CardInfo) -> str:
         else:
             meta.update(license="other", license_name=re.sub(r"[^a-z0-9]+", "-", license_.lower()).strip("-"))
     base = hub_base_model(teacher)
+    if info.fmt == "adapter" and info.base_location and HUB_ID.match(info.base_location):
+        base = info.base_location  # the converted model the adapter goes on, where it is on the Hub
     if base:
         meta["base_model"] = base
         meta["base_model_relation"] = "adapter" if info.fmt == "adapter" else "finetune"
@@ -160,7 +162,7 @@ def _training(info: CardInfo) -> list[str]:
              "| stage | steps | tokens | LoRA |", "|---|---|---|---|"]
     for st in s.get("stages") or []:
         lora = st.get("lora")
-        lora_text = "no (all weights)" if not lora else ", ".join(f"{k}={v}" for k, v in lora.items())
+        lora_text = "no" if not lora else ", ".join(f"{k}={v}" for k, v in lora.items())
         lines.append(f"| {st.get('name')} | {_num(st.get('steps'))} | {_num(st.get('tokens'))} | {lora_text} |")
     if info.merged_lora:
         lines += ["", "The LoRA adapter is merged into the weights: this is a plain full model."]
