@@ -207,10 +207,9 @@ class Run:
         flag = torch.tensor(float(self._stop_signal), device=self.accelerator.device)
         return self.accelerator.reduce(flag, reduction="max").item() > 0
 
-    def _log_metrics(self, stats: dict, stage, started: float, start_tokens: int, bar) -> None:
+    def _log_metrics(self, stats: dict, stage, step_tokens: int, seconds: float, bar) -> None:
         if self.accelerator.is_main_process:
-            elapsed = max(time.time() - started, 1e-9)
-            tps = (self.state.tokens_seen - start_tokens) / elapsed
+            tps = step_tokens / max(seconds, 1e-9)
             record = {"step": self.state.step, "stage": stage.name, **{k: round(v, 6) for k, v in stats.items()},
                       "tokens": self.state.tokens_seen, "tokens_per_s": round(tps, 1)}
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -269,11 +268,11 @@ class Run:
                 self.resumed_from = None
             else:
                 self.state.stage_start_tokens = self.state.tokens_seen
-            started, start_tokens = time.time(), self.state.tokens_seen
             while self.state.stage_step < stage.steps:
+                started, tokens_before = time.time(), self.state.tokens_seen
                 stats = self.train_step(stage, optimizer, params)
                 bar.update(1)
-                self._log_metrics(stats, stage, started, start_tokens, bar)
+                self._log_metrics(stats, stage, self.state.tokens_seen - tokens_before, time.time() - started, bar)
                 if self.state.step % cfg.eval.every_steps == 0 and self.state.stage_step < stage.steps:
                     self.evaluate(f"ppl_step_{self.state.step}")
                 if self.state.step % cfg.checkpoint.every_steps == 0:
@@ -288,6 +287,13 @@ class Run:
                                                "finetune" and stage.lora else None})
             self.state.stage += 1
             self.state.stage_step = 0
+
+    def _throughput(self) -> dict:
+        """Median training tokens/s of each stage, from metrics.jsonl."""
+        path = self.out / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        return {s.name: _median([r["tokens_per_s"] for r in rows if r["stage"] == s.name][1:])
+                for s in self.config.stages}
 
     def finish(self) -> None:
         """Write OUTPUT/model (merged), OUTPUT/adapter (with LoRA) and OUTPUT/run_summary.json."""
@@ -310,10 +316,17 @@ class Run:
             "eval": {k: self.state.evals.get(k) for k in ("teacher_ppl", "converted_ppl_before", "ppl_after",
                                                           "eval_tokens")},
             "license": ALIAS_LICENSES.get(cfg.model.source.lower()),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if torch.cuda.is_available() else None,
+            "train_tokens_per_s": self._throughput(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         }
         (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
         self.log(f"done: {self.out / 'model'} ({self.state.tokens_seen:,} tokens seen)")
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 class _null:
