@@ -447,7 +447,7 @@ def main():
     if args.sweep:
         base = dict(chunk_triton.CONFIG)
         for name, change in [("warps4", {"warps_fwd": 4, "warps_bwd": 4}), ("store_bf16", {"store": "input"}),
-                             ("chunk32_w4", {"chunk": 32, "warps_fwd": 4, "warps_bwd": 4})]:
+                             ("chunk32_w4", {"chunk": 32, "warps_fwd": 4, "warps_bwd": 4}), ("chunk32_w8", {"chunk": 32})]:
             chunk_triton.CONFIG.update(change)
             try:
                 r = train_row(2048, check_grads=True, sdpa=False)

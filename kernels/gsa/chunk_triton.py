@@ -24,7 +24,7 @@ from .common_triton import chunk_tables, prepare
 # of the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
 # and logit gradients): "fp32", or "input" (bf16 for 16-bit inputs: half the bytes, about twice
 # the rounding error in the gradients).
-CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 8, "warps_bwd": 8, "stages": 2, "store": "fp32"}
+CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "fp32"}
 
 
 class ChunkGSAFunction(torch.autograd.Function):
