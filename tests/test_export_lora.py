@@ -122,3 +122,26 @@ def test_adapter_weights_keep_gsa_norms_fp32_under_bf16(run, tmp_path):
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert {d for k, d in dtypes.items() if ".g_norm." in k} == {"F32"}
     assert {d for k, d in dtypes.items() if "lora_" in k} == {"BF16"}
+
+
+@pytest.mark.slow
+def test_a_real_finetune_run_exports_merged_and_as_adapter(tmp_path):
+    """The trainer's own output (configs/tiny.yaml: attention transfer, then LoRA), not a built layout."""
+    from tests.train.runs import finetune_cmd, run as run_cmd
+
+    out = tmp_path / "run"
+    r = run_cmd(finetune_cmd(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _export(out, "--out", tmp_path / "m") == 0
+    assert _export(out, "--out", tmp_path / "a", "--adapter-only") == 0
+    ids = torch.randint(2, 258, (2, 33))
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), tmp_path / "a")
+    with torch.no_grad():
+        ref = unmerged(ids).logits
+        assert rel_err(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, ref) < 1e-5
+        assert torch.equal(exported(ids).logits, ref)
+    summary = json.loads((out / "run_summary.json").read_text())
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert f"Tokens seen: **{summary['tokens_seen']:,}**" in card
+    assert f"| **this model** | **{summary['eval']['ppl_after']:,.2f}**" in card

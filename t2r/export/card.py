@@ -162,7 +162,8 @@ def _training(info: CardInfo) -> list[str]:
              "| stage | steps | tokens | LoRA |", "|---|---|---|---|"]
     for st in s.get("stages") or []:
         lora = st.get("lora")
-        lora_text = "no" if not lora else ", ".join(f"{k}={v}" for k, v in lora.items())
+        lora_text = "no" if not lora else ", ".join(
+            f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in lora.items())
         lines.append(f"| {st.get('name')} | {_num(st.get('steps'))} | {_num(st.get('tokens'))} | {lora_text} |")
     if info.merged_lora:
         lines += ["", "The LoRA adapter is merged into the weights: this is a plain full model."]
