@@ -169,8 +169,10 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
     lora = read_lora_config(src.adapter_dir)
     tensors = load_file(src.adapter_dir / ADAPTER_WEIGHTS)
     if options.dtype:
-        keep = ("g_norm",)
-        tensors = {k: (v.to(torch.float32 if any(p in k.split(".") for p in keep) else DTYPES[options.dtype])
+        from ..models import T2RForCausalLM
+
+        keep = set(T2RForCausalLM._keep_in_fp32_modules_strict)  # as cast_model: the GSA output norms stay fp32
+        tensors = {k: (v.to(torch.float32 if keep & set(k.split(".")) else DTYPES[options.dtype])
                        if v.is_floating_point() else v) for k, v in tensors.items()}
     save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     base_ref = options.base_id or str(src.base_dir.resolve())

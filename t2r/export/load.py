@@ -53,11 +53,12 @@ def read_json(path: Path, what: str) -> dict:
 
 def _find_summary(path: Path, kind: str) -> Path | None:
     """run_summary.json of the run a folder belongs to: in it, beside a run's model/, or two levels
-    above a checkpoint (OUTPUT/checkpoints/step-N)."""
+    above a checkpoint (OUTPUT/checkpoints/step-N). Not for OUTPUT/base: the summary describes the
+    finetuned model, not the one finetuning started from."""
     candidates = [path / "run_summary.json"]
     if kind == "checkpoint":
         candidates.append(path.parent.parent / "run_summary.json")
-    if path.name in ("model", "base"):
+    if path.name == "model":
         candidates.append(path.parent / "run_summary.json")
     return next((c for c in candidates if c.is_file()), None)
 
@@ -112,8 +113,9 @@ def refuse_pickles(folder: Path) -> None:
     if pickles:
         raise T2RError(
             f"{folder / pickles[0]}: refusing a pickle file (loading one can run arbitrary code); t2r reads weights "
-            "only from safetensors. Delete it (and any other: " + ", ".join(pickles) + ") if the folder has "
-            "*.safetensors weights, or re-save the model with save_pretrained, which writes safetensors")
+            "only from safetensors. Delete it" + (f" (and {', '.join(pickles[1:])})" if len(pickles) > 1 else "")
+            + " if the folder has *.safetensors weights, or re-save the model with save_pretrained, which writes "
+            "safetensors")
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
