@@ -76,6 +76,9 @@ def inspect_source(source: str | Path) -> Source:
         for name in ("model", "base", "adapter"):
             if (path / name).is_dir():
                 setattr(src, f"{name}_dir", path / name)
+        run_base = path.parent.parent / "base"
+        if kind == "checkpoint" and src.base_dir is None and run_base.is_dir():
+            src.base_dir = run_base  # a checkpoint's adapter goes on its run's converted model
         if src.adapter_dir is not None and src.base_dir is None and src.model_dir is None:
             raise T2RError(f"{path} has adapter/ but neither base/ (the converted model the adapter goes on) nor "
                            "model/ (the merged model); the run output is incomplete: export a complete run or "

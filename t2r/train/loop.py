@@ -188,9 +188,28 @@ class Run:
         self._main_log(f"held-out perplexity {key}: {ppl:.3f} ({tokens:,} tokens)")
         self.accelerator.log({f"eval/{key}": ppl}, step=self.state.step)
 
+    def _exportable(self, folder: Path) -> None:
+        """Make a checkpoint exportable (t2r export): the LoRA adapter (small; its base is OUTPUT/base),
+        or, without LoRA, a model folder whose weights are a hard link to the checkpoint's own."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.lora is not None:
+            model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
+            model.save_pretrained(folder / "adapter")
+            return
+        weights = folder / "accelerate" / "model.safetensors"
+        if not weights.is_file():  # sharded (FSDP) training state: export the finished run instead
+            return
+        (folder / "model").mkdir()
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder / "model")
+        model.generation_config.save_pretrained(folder / "model")
+        self.tokenizer.save_pretrained(folder / "model")
+        os.link(weights, folder / "model" / "model.safetensors")
+
     def _checkpoint(self) -> None:
         try:
-            path = save_checkpoint(self.accelerator, self.out, self.state, self.config.checkpoint.keep_last)
+            path = save_checkpoint(self.accelerator, self.out, self.state, self.config.checkpoint.keep_last,
+                                   extra=self._exportable)
             self._main_log(f"checkpoint {path.name} saved")
         except OSError as e:
             latest = latest_checkpoint(self.out)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import t2r  # noqa: F401
 from t2r.train.checkpoint import latest_checkpoint
@@ -21,7 +21,7 @@ LONG = ["stages.1.steps=24", "checkpoint.every_steps=4", "eval.every_steps=100"]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    r = run(finetune_cmd(out))
+    r = run(finetune_cmd(out, "eval.every_steps=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -132,3 +132,25 @@ def test_failed_checkpoint_writes_leave_the_previous_one_usable(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from step-0000003" in r.stdout
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in first]
+
+
+def test_a_checkpoint_exports_the_model_it_held(tiny_run, tmp_path):
+    """`t2r export OUTPUT/checkpoints/step-9`: the exported model scores the held-out rows exactly as
+    the run scored its model at step 9."""
+    from t2r.eval.perplexity import perplexity
+    from t2r.train.checkpoint import read_trainer_state
+    from t2r.train.config import load_config
+    from t2r.train.data import load_documents, tokenize_and_pack
+
+    out, _ = tiny_run
+    ckpt = out / "checkpoints" / "step-0000009"
+    r = run([sys.executable, "-m", "t2r.cli", "export", str(ckpt), "--out", str(tmp_path / "export")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = load_config(out / "config.yaml")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    held_out = tokenize_and_pack(load_documents(config.data)[1], tok, config.data, None)
+    rows = list(held_out.select(range(config.eval.max_batches * config.batch.micro_batch_size)))
+    ppl, _ = perplexity(model, rows, config.batch.micro_batch_size, tok.pad_token_id, "cpu")
+    recorded = read_trainer_state(ckpt).evals["ppl_step_9"]
+    assert abs(ppl - recorded) < 1e-4 * recorded, (ppl, recorded)
