@@ -76,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_generate)
 
+    from .export import register as register_export
     from .train.cli import register as register_finetune
 
     register_finetune(sub)
-    from .export import register as register_export; register_export(sub)  # noqa: E702
+    register_export(sub)
     return parser
 
 
