@@ -20,4 +20,7 @@ $T2R finetune configs/smollm2-135m-gsa.yaml --output-dir runs/smollm2-135m-gsa
 echo "== generate from the finetuned model (runs/smollm2-135m-gsa/model)"
 $T2R generate runs/smollm2-135m-gsa/model --prompt "$PROMPT" --max-new-tokens 24
 echo
+echo "== export: a Hub-ready folder that loads with plain transformers (trust_remote_code=True)"
+$T2R export runs/smollm2-135m-gsa --out exports/smollm2-135m-gsa --overwrite
+echo
 cat runs/smollm2-135m-gsa/run_summary.json

@@ -113,7 +113,9 @@ class EvalConfig(Strict):
 class LoggingConfig(Strict):
     every_steps: int = Field(1, ge=1)
     tensorboard: bool = True
-    wandb: bool = Field(False, description="log to Weights & Biases too (needs wandb installed)")
+    wandb: bool | Literal["auto"] = Field(
+        "auto", description="log to Weights & Biases too; auto: when wandb is installed and WANDB_API_KEY or "
+        "WANDB_MODE is set")
     progress_bar: bool = True
 
 

@@ -44,6 +44,16 @@ def learning_rate(stage, step: int) -> float:
     return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * shape)
 
 
+def _use_wandb(config: RunConfig) -> bool:
+    choice = config.logging.wandb
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None and bool(
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+
+
 def _precision(choice: str) -> str:
     if choice == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -53,7 +63,7 @@ def _precision(choice: str) -> str:
 class Run:
     def __init__(self, config: RunConfig, resume: bool = False, log=print):
         from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
         self.config, self.log = config, log
         self.out = Path(config.output_dir)
@@ -63,7 +73,7 @@ class Run:
                            "or choose another --output-dir")
         if resume and latest is None:
             raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
-        trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if config.logging.wandb else [])
+        trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if _use_wandb(config) else [])
         self.accelerator = Accelerator(
             # without CUDA, processes started by `accelerate launch` (torchrun) join over gloo on the CPU
             cpu=not torch.cuda.is_available(),
@@ -71,6 +81,9 @@ class Run:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(config.stages) > 1)],
         )
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise T2RError("t2r finetune does not run under DeepSpeed yet (it builds one optimizer per stage); "
+                           "use DDP or FSDP in your accelerate config")
         set_seed(config.seed)
         self.state = read_trainer_state(latest) if latest is not None else TrainerState()
         self.resumed_from = latest
@@ -109,7 +122,7 @@ class Run:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = acc.prepare(model)
-        if cfg.logging.tensorboard or cfg.logging.wandb:
+        if acc.log_with:
             acc.init_trackers("t2r", config={"output_dir": str(self.out), "total_steps": cfg.total_steps})
 
     def _save_folder(self, model, folder: Path) -> None:
