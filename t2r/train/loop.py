@@ -54,9 +54,23 @@ def _use_wandb(config: RunConfig) -> bool:
         os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
-def _precision(choice: str) -> str:
+def _weights_dtype(config: RunConfig) -> str:
+    """The dtype the model's weights will have: the conversion's, or a converted folder's."""
+    folder_config = Path(config.model.source).expanduser() / "config.json"
+    if folder_config.is_file():
+        saved = json.loads(folder_config.read_text())
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(saved.get("dtype") or saved.get("torch_dtype"), "fp32")
+    return config.model.conversion.dtype
+
+
+def _precision(config: RunConfig) -> str:
+    """accelerate's mixed_precision. auto: bf16 on GPUs that have it, else the weights' own half
+    dtype (frozen half weights meet fp32 trainable ones only under autocast), else fp32."""
+    choice = config.precision
     if choice == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return {"bf16": "bf16", "fp16": "fp16"}.get(_weights_dtype(config), "no")
     return {"fp32": "no"}.get(choice, choice)
 
 
@@ -77,7 +91,7 @@ class Run:
         self.accelerator = Accelerator(
             # without CUDA, processes started by `accelerate launch` (torchrun) join over gloo on the CPU
             cpu=not torch.cuda.is_available(),
-            mixed_precision=_precision(config.precision), log_with=trackers or None,
+            mixed_precision=_precision(config), log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(config.stages) > 1)],
         )
@@ -115,8 +129,12 @@ class Run:
             if acc.is_main_process and self.resumed_from is None:
                 self._save_folder(model, self.out / "base")  # what the adapter goes on top of
             model = add_lora(model, self.lora)
-        for p in model.parameters():  # trainable weights in fp32 whatever the base dtype
-            if p.dtype in (torch.bfloat16, torch.float16) and p.requires_grad:
+        # Whatever any stage trains is trainable when wrapped (DDP registers it) and kept in fp32
+        # whatever the base dtype; each stage then freezes what it does not train.
+        trained = set().union(*(set_trainable(model, stage) for stage in cfg.stages))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trained)
+            if name in trained and p.dtype in (torch.bfloat16, torch.float16):
                 p.data = p.data.float()
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -338,6 +356,10 @@ class Run:
             model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
             model.save_pretrained(self.out / "adapter")
             model = model.merge_and_unload()
+        base_dtype = model.get_input_embeddings().weight.dtype
+        for name, p in model.named_parameters():  # back to the weights' dtype (the output norms stay fp32)
+            if ".g_norm." not in name and p.dtype != base_dtype:
+                p.data = p.data.to(base_dtype)
         self._save_folder(model, self.out / "model")
         c = model.config
         summary = {
