@@ -154,3 +154,12 @@ def test_a_checkpoint_exports_the_model_it_held(tiny_run, tmp_path):
     ppl, _ = perplexity(model, rows, config.batch.micro_batch_size, tok.pad_token_id, "cpu")
     recorded = read_trainer_state(ckpt).evals["ppl_step_9"]
     assert abs(ppl - recorded) < 1e-4 * recorded, (ppl, recorded)
+
+
+def test_bf16_weights_train_on_cpu_and_stay_bf16(tmp_path):
+    r = run(finetune_cmd(tmp_path / "bf16", "model.conversion.dtype=bf16", "stages.1.steps=2", "eval.before=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(tmp_path / "bf16"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "model")
+    dtypes = {n.split(".")[-2]: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["q_proj"] == dtypes["f_proj"] == torch.bfloat16 and dtypes["g_norm"] == torch.float32
