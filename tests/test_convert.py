@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from t2r.convert import ConversionOptions, convert, convert_model, new_parameter_names, parse_layers

@@ -94,7 +94,7 @@ def test_lora_flags_on_a_run_without_lora_say_what_to_drop(tmp_path, capsys):
     root, reference, _ = make_run(tmp_path / "run", lora=False)
     for flag in ("--merge-lora", "--adapter-only"):
         assert _export(root, "--out", tmp_path / "x", flag) == 2
-        assert f"has no LoRA adapter" in (err := capsys.readouterr().err) and f"drop {flag}" in err
+        assert "has no LoRA adapter" in (err := capsys.readouterr().err) and f"drop {flag}" in err
     assert not (tmp_path / "x").exists()
     assert _export(root, "--out", tmp_path / "full") == 0
     with torch.no_grad():
