@@ -4,7 +4,7 @@ Mistral-7B attention shapes: 32 query heads, 8 kv heads, head dim 128, 64 slots,
 Every kernel's output is checked against the fp32 torch reference before it is timed (a wrong
 kernel is reported, not timed). Times are medians of triton.testing.do_bench (CUDA events).
 
-    python scripts/bench_kernels.py [--out DIR] [--sweep] [--skip-fla] [--breakdown]
+    python scripts/bench_kernels.py [--out DIR] [--sweep] [--skip-fla] [--breakdown] [--no-decode] [--ts 2048,4096]
 
 Prints markdown tables (the last one is the summary that docs/benchmarks.md carries) and writes
 the raw numbers to DIR/bench.json.
@@ -199,62 +199,80 @@ def fla_row(T, row):
 
 # ------------------------------------------------------------------------------ per-kernel times
 
-def breakdown(T):
-    """Time each t2r kernel alone at B x T, against its FLOP and byte floors."""
+def kernel_floors(B, T, C, NT):
+    """Tensor-core FLOPs and the bytes each t2r kernel must move (inputs read once, outputs written
+    once) at B x T, by kernel name. Factored intra-chunk path; NT = key + value tiles of the split
+    input-gradient kernel."""
+    tok = B * T
+    nch = tok // C
+    pc = nch * H  # (chunk, kv head) pairs
+    n_snap = B * (T // C + 1)
+    qb, kb, sb = tok * HQ * D * 2, tok * H * D * 2, tok * H * M * 2  # bf16 [., HQ, D], [., H, D], [., H, M]
+    snapb = n_snap * H * 2 * D * M * 4  # both states, fp32
+    actb = tok * HQ * M * 4  # slot probabilities or logit gradients, fp32
+    rb = tok * H * M * 4  # one fp32 [., H, M] plane
+    f = {  # name: (FLOPs, bytes)
+        "_local_fwd_kernel": (pc * 2 * C * 2 * D * M, 2 * kb + 2 * sb + snapb),
+        "_scan_fwd_kernel": (0, 2 * snapb),
+        "_fwd_state_kernel": (pc * 2 * C * 2 * D * M, 2 * kb + 2 * sb + snapb),
+        "_fwd_o_kernel": (pc * G * 2 * C * (2 * C * D + 2 * D * M + 2 * C * M), 2 * qb + 2 * kb + 2 * sb + snapb),
+        "_bwd_prep_kernel": (pc * G * 2 * C * (2 * C * D + 2 * D * M + 2 * C * M),
+                             2 * qb + 2 * kb + 2 * sb + snapb + 2 * actb + rb),
+        "_local_bwd_kernel": (pc * G * 2 * C * (2 * D * M + 2 * C * D + 2 * C * M),
+                              2 * qb + 2 * actb + 2 * kb + sb + snapb + 4 * rb),
+        "_scan_bwd_kernel": (0, 2 * snapb),
+        "_bwd_state_kernel": (pc * G * 2 * C * 2 * D * M, 2 * qb + 2 * actb + sb + snapb),
+        "_bwd_dqkv_kernel": (pc * (G * 2 * C * (2 * C * M + D * M + 3 * C * D) + 4 * 2 * C * D * M),
+                             3 * qb + 2 * actb + 4 * kb + 2 * sb + 2 * snapb + NT * rb),
+        "_bwd_finish_kernel": (0, 4 * sb + (5 + NT) * rb),
+        "_bwd_qk_kernel": (pc * (G * 2 * C * (3 * C * D + 2 * C * M + D * M) + 2 * 2 * C * D * M),
+                           2 * qb + 2 * kb + 2 * sb + snapb + actb + 3 * rb),
+        "_bwd_vg_kernel": (pc * (G * 2 * C * (2 * C * D + 2 * C * M) + 2 * 2 * C * D * M),
+                           qb + 2 * kb + 4 * sb + snapb + actb + 2 * rb),
+    }
+    return f
+
+
+def profile_step(T, steps=5):
+    """Per-kernel GPU time of one t2r forward+backward at B x T (torch.profiler, mean over `steps`),
+    against each kernel's FLOP and byte floors, for the current CONFIG."""
+    from t2r.kernels.gsa import chunk_gsa
     from t2r.kernels.gsa import chunk_triton as ct
-    from t2r.kernels.gsa.chunk_bwd_triton import backward_inputs, backward_prep
-    from t2r.kernels.gsa.chunk_fwd_triton import forward_output
-    from t2r.kernels.gsa.chunk_state_triton import backward_states, forward_states
-    from t2r.kernels.gsa.common_triton import chunk_tables, prepare
 
     B = TOKENS // T
     x = inputs(B, T, seed=1)
     do = torch.randn(B, T, HQ, D, device=DEV, dtype=DT)
-    p = prepare(*x, None, None, None, "bench")
-    if ct.CONFIG["store"] == "fp32":
-        p.snap_dtype = p.act_dtype = torch.float32
-    C, w, st = ct.CONFIG["chunk"], ct.CONFIG["warps_fwd"], ct.CONFIG["stages"]
-    wb, ws = ct.CONFIG["warps_bwd"], ct.CONFIG["warps_state"]
-    seq, chunks, n_snap, n_chunks = chunk_tables(p, C)
-    snap_k, snap_v, _, _ = forward_states(p, seq, n_snap, C, ws, st)
-    prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, wb, st)
-    ds_k, ds_v, _, _ = backward_states(p, p.q, do, dy, prob, None, None, seq, n_snap, C, ws, st)
-    snap_b = 4 if p.snap_dtype == torch.float32 else 2
-    act_b = 4 if p.act_dtype == torch.float32 else 2
-    tok = B * T
-    qb, kb, sb = tok * HQ * D * 2, tok * H * D * 2, tok * H * M * 2
-    snapb = n_snap * H * 2 * D * M * snap_b
-    actb = tok * HQ * M * act_b
-    rb = tok * H * M * 4
-    pc = n_chunks * H  # programs
-    flops = {  # tensor-core FLOPs, factored path (see the kernels' docstrings)
-        "fwd_states": pc * 2 * C * 2 * D * M,
-        "fwd_output": pc * G * 2 * C * (C * D + D * M + C * M + M * C + M * D + C * D),
-        "bwd_prep": pc * G * 2 * C * (C * D + D * M + C * M + C * D + D * M + C * M),
-        "bwd_states": pc * G * 2 * C * 2 * D * M,
-        "bwd_inputs": pc * (G * 2 * C * (3 * C * D + 2 * C * M + D * M + 2 * C * D + 2 * C * M) + 4 * 2 * C * D * M),
-    }
-    nbytes = {
-        "fwd_states": 2 * kb + 2 * sb + snapb,
-        "fwd_output": 2 * qb + 2 * kb + 2 * sb + snapb,
-        "bwd_prep": 2 * qb + 2 * kb + 2 * sb + snapb + 2 * actb + rb,
-        "bwd_states": 2 * qb + 2 * actb + sb + snapb,
-        "bwd_inputs": 4 * qb + 4 * kb + 4 * sb + 2 * snapb + 2 * actb + 3 * rb + 2 * 2 * tok * H * M * 4,
-    }
-    fns = {
-        "fwd_states": lambda: forward_states(p, seq, n_snap, C, ws, st),
-        "fwd_output": lambda: forward_output(p, snap_k, snap_v, chunks, n_chunks, C, w, st),
-        "bwd_prep": lambda: backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, wb, st),
-        "bwd_states": lambda: backward_states(p, p.q, do, dy, prob, None, None, seq, n_snap, C, ws, st),
-        "bwd_inputs": lambda: backward_inputs(p, do, prob, dy, r, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C,
-                                              wb, st),
-    }
+    xs = leaves(x)
+
+    def step():
+        o, _ = chunk_gsa(*xs, backend="triton")
+        o.backward(do)
+        for t in xs:
+            t.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    times: dict = {}
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            name = e.name if e.name.startswith("_") else "torch: " + e.name.split("(")[0][-60:]
+            times[name] = times.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+    C = ct.CONFIG["chunk"]
+    tile = min(ct.CONFIG.get("tile", 64), D)
+    floors = kernel_floors(B, T, C, 2 * (D // tile))
     out = {}
-    for name, fn in fns.items():
-        ms = bench(fn)
-        f_ms, b_ms = flops[name] / 800e12 * 1e3, nbytes[name] / 4.3e12 * 1e3
-        out[name] = {"ms": ms, "tflops": flops[name] / ms / 1e9, "gbps": nbytes[name] / ms / 1e6,
-                     "flop_floor_ms": f_ms, "byte_floor_ms": b_ms}
+    for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+        fl, by = floors.get(name, (None, None))
+        out[name] = {"ms": ms, "flop_floor_ms": None if fl is None else fl / 800e12 * 1e3,
+                     "byte_floor_ms": None if by is None else by / 4.3e12 * 1e3,
+                     "tflops": None if not fl else fl / ms / 1e9, "gbps": None if by is None else by / ms / 1e6}
     return out
 
 
@@ -360,20 +378,53 @@ def tables(gpu, versions):
                      f"{fmt(r.get('fla_graph'), 4)} | {fmt(r.get('fla_gqa'), 4)} | {fmt(r.get('sdpa_4096'), 4)} | "
                      f"{fmt(r.get('sdpa_32768'), 4)} | {ratio(r.get('fla'), r.get('ours'))} | "
                      f"{r['state_bytes_ours'] / 2**10:.0f} KiB | {r['state_bytes_fla'] / 2**10:.0f} KiB | {kv} |")
-    if RESULTS["breakdown"]:
-        lines += ["", "Per kernel at 8 x 2048 (floors: 800 TFLOP/s bf16, 4.3 TB/s):", "",
+    for cfg_name, bd in RESULTS["breakdown"].items():
+        total = sum(r["ms"] for r in bd.values())
+        lines += ["", f"Per kernel, one forward+backward at 8 x 2048, configuration `{cfg_name}` (torch.profiler, "
+                  f"{total:.3f} ms of kernels; floors: 800 TFLOP/s bf16, 4.3 TB/s):", "",
                   "| kernel | ms | TFLOP/s | GB/s | FLOP floor ms | byte floor ms |", "|---|---|---|---|---|---|"]
-        for name, r in RESULTS["breakdown"].items():
-            lines.append(f"| {name} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['gbps']:.0f} | "
-                         f"{r['flop_floor_ms']:.3f} | {r['byte_floor_ms']:.3f} |")
+        for name, r in bd.items():
+            lines.append(f"| {name} | {r['ms']:.3f} | {fmt(r['tflops'], 0)} | {fmt(r['gbps'], 0)} | "
+                         f"{fmt(r['flop_floor_ms'])} | {fmt(r['byte_floor_ms'])} |")
+    if RESULTS["sweep"]:
+        lines += ["", "Configurations (ms; errors: output / worst gradient, where checked):", "",
+                  "| configuration | B x T | fwd | fwd+bwd | err |", "|---|---|---|---|---|"]
+        for name, rows in RESULTS["sweep"].items():
+            for T, r in rows.items():
+                err = "-" if "ours_err" not in r else (f"{r['ours_err']:.1e}" + (
+                    f" / {r['ours_grad_err']:.1e}" if r.get("ours_grad_err") is not None else ""))
+                lines.append(f"| {name} | {r.get('B', '-')} x {T} | {fmt(r.get('ours_fwd'))} | "
+                             f"{fmt(r.get('ours_fwdbwd'))} | {r.get('error', err)} |")
     return "\n".join(lines)
+
+
+# Kernel configurations the sweep times against the default (chunk_triton.CONFIG): name, changes,
+# whether to time it at every T of the run (else at the first only). In order of interest: the
+# budget (--budget-s) drops the last ones first.
+PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64}  # the kernels before the split
+SWEEP = [
+    ("previous", PREVIOUS, True),
+    ("chunk32", {"chunk": 32, "warps_split": 4, "warps_finish": 4}, True),
+    ("tile128", {"tile": 128}, False),
+    ("split_w4", {"warps_split": 4}, False),
+    ("nospec", {"spec": False}, False),
+]
+
+
+def save(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sweep", action="store_true", help="also time other kernel configurations at 8 x 2048")
-    ap.add_argument("--breakdown", action="store_true", help="time each kernel alone at 8 x 2048")
+    ap.add_argument("--sweep", action="store_true", help="also time the SWEEP kernel configurations")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per-kernel times (torch.profiler) at the first T, default and 'previous' configurations")
+    ap.add_argument("--budget-s", type=float, default=1e9,
+                    help="skip the remaining sweep configurations after this many seconds")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--fla-seconds", type=int, default=150,
@@ -416,14 +467,22 @@ def main():
     except Exception as e:
         RESULTS["errors"]["decode"] = repr(e)[:300]
         traceback.print_exc()
-    if args.breakdown:
-        try:
-            RESULTS["breakdown"] = breakdown(ts[0])
-            RESULTS["kernels"] = kernel_stats()
-            log("kernels:", json.dumps(RESULTS["kernels"]))
-        except Exception as e:
-            RESULTS["errors"]["breakdown"] = repr(e)[:300]
-            traceback.print_exc()
+    save(args.out)
+    if args.breakdown and DEV == "cuda":
+        base = dict(chunk_triton.CONFIG)
+        for name, change in [("default", {}), ("previous", PREVIOUS)]:
+            chunk_triton.CONFIG.update(change)
+            try:
+                RESULTS["breakdown"][name] = profile_step(ts[0])
+                log(f"breakdown {name}: {json.dumps(RESULTS['breakdown'][name])}")
+            except Exception as e:
+                RESULTS["errors"][f"breakdown_{name}"] = repr(e)[:300]
+                traceback.print_exc()
+            chunk_triton.CONFIG.clear()
+            chunk_triton.CONFIG.update(base)
+        RESULTS["kernels"] = kernel_stats()
+        log("kernels:", json.dumps(RESULTS["kernels"]))
+        save(args.out)
     log("\n" + tables(gpu, versions))
     if not args.skip_fla:
         import signal
@@ -446,22 +505,27 @@ def main():
         signal.alarm(0)
     if args.sweep:
         base = dict(chunk_triton.CONFIG)
-        for name, change in [("warps4", {"warps_fwd": 4, "warps_bwd": 4}), ("store_bf16", {"store": "input"}),
-                             ("chunk32_w4", {"chunk": 32, "warps_fwd": 4, "warps_bwd": 4}), ("chunk32_w8", {"chunk": 32})]:
+        for name, change, every_t in SWEEP:
+            if time.time() - t0 > args.budget_s:
+                log(f"sweep {name}: skipped (budget)")
+                continue
             chunk_triton.CONFIG.update(change)
-            try:
-                r = train_row(2048, check_grads=True, sdpa=False)
-                RESULTS["sweep"][name] = {k: r.get(k) for k in ("ours_fwd", "ours_fwdbwd", "ours_err", "ours_grad_err")}
-            except Exception as e:
-                RESULTS["sweep"][name] = {"error": repr(e)[:300]}
-            log(f"sweep {name}: {json.dumps(RESULTS['sweep'][name])}")
+            RESULTS["sweep"][name] = {}
+            for T in (ts if every_t else ts[:1]):
+                try:
+                    r = train_row(T, check_grads=(T == ts[0]), sdpa=False)
+                    RESULTS["sweep"][name][T] = {k: r.get(k) for k in ("B", "ours_fwd", "ours_fwdbwd", "ours_err",
+                                                                         "ours_grad_err")}
+                except Exception as e:
+                    RESULTS["sweep"][name][T] = {"error": repr(e)[:300]}
+                    traceback.print_exc()
+                log(f"sweep {name} T={T} ({time.time() - t0:.0f}s): {json.dumps(RESULTS['sweep'][name][T])}")
             chunk_triton.CONFIG.clear()
             chunk_triton.CONFIG.update(base)
+            save(args.out)
     RESULTS["meta"] = {"gpu": gpu, "versions": versions, "date": datetime.date.today().isoformat(),
                        "config": dict(chunk_triton.CONFIG), "seconds": time.time() - t0}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+    save(args.out)
     table = tables(gpu, versions)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table + "\n")

@@ -32,12 +32,11 @@ from .chunk_intra_triton import THRESH, chunk_gates, diag, exclusive_cumsum, op1
 def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, scale, H: tl.constexpr,
                      G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, THR: tl.constexpr):
+                     PREC: tl.constexpr, THR: tl.constexpr, SPEC: tl.constexpr):
     c, h = tl.program_id(0), tl.program_id(1)
     tok0 = tl.load(chunks + c * 3).to(tl.int64)
     length = tl.load(chunks + c * 3 + 1)
     sidx = tl.load(chunks + c * 3 + 2).to(tl.int64)
-    HQ: tl.constexpr = H * G
     o_t = tl.arange(0, C)
     o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
     m_t, m_k, m_v, m_m = o_t < length, o_k < K, o_v < V, o_m < M
@@ -54,6 +53,25 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
+    if SPEC:  # one copy of the loop per gate regime: each keeps only the gate tiles it uses live
+        if safe:
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, True, scale, rows, h, o_k, o_v, o_m,
+                               m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
+        else:
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, False, scale, rows, h, o_k, o_v,
+                               o_m, m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
+    else:
+        racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, o_m,
+                           m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
+    tl.store(r + rows[:, None] * (H * M) + h * M + o_m[None, :], racc, mask=m_tm)
+
+
+@triton.jit
+def _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, o_m, m_t, m_k,
+                m_v, m_m, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                C: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    HQ: tl.constexpr = H * G
+    m_tm = m_t[:, None] & m_m[None, :]
     racc = tl.full([C, BM], 0., tl.float32)
     for i in range(G):
         hq = h * G + i
@@ -70,7 +88,7 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
         off = rows[:, None] * (HQ * M) + hq * M + o_m[None, :]
         tl.store(prob + off, p.to(prob.dtype.element_ty), mask=m_tm)
         tl.store(dy + off, (dz * scale).to(dy.dtype.element_ty), mask=m_tm)
-    tl.store(r + rows[:, None] * (H * M) + h * M + o_m[None, :], racc, mask=m_tm)
+    return racc
 
 
 @triton.jit
@@ -173,7 +191,7 @@ def _bwd_vg_kernel(v, s, g, snap_v, ds_v, do, prob, r, dsa, dv, ds, dg, chunks, 
     tl.store(dg + off, dg_t.to(dg.dtype.element_ty), mask=m_tm)
 
 
-def backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_stages=2):
+def backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_stages=2, spec=False):
     """p (slot probabilities), dY = scale * dZ (both [B, T, HQ, M]) and R [B, T, H, M] (fp32)."""
     d = p.dims
     dev = p.q.device
@@ -183,7 +201,7 @@ def backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_s
     if n_chunks:
         _bwd_prep_kernel[(n_chunks, d.H)](
             p.q, p.k, p.v, p.s, p.g, snap_k, snap_v, do, prob, dy, r, chunks, p.scale, H=d.H, G=d.G, K=d.K,
-            V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH,
+            V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, SPEC=spec,
             num_warps=num_warps, num_stages=num_stages)
     return prob, dy, r
 
@@ -203,4 +221,183 @@ def backward_inputs(p, do, prob, dy, r, snap_k, snap_v, ds_k, ds_v, chunks, n_ch
         _bwd_vg_kernel[(n_chunks, d.H)](
             p.v, p.s, p.g, snap_v, ds_v, do, prob, r, dsa, dv, ds, dg, chunks, H=d.H, G=d.G, V=d.V, M=d.M,
             C=C, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv, ds, dg
+
+
+# --------------------------------------------------------------- split input-gradient kernels
+#
+# With the intra-chunk ds and R - s ds_off from the prep kernel (DS=True), what is left per chunk
+# splits over tiles of the key dim (dq, dk) and of the value dim (dv) with no full-width product:
+#
+#   key tile kt    dq[:, kt] = (dY exp(b)) Hk[kt]^T + op2(dY, s) k[:, kt]  (each query head)
+#                  dk[:, kt] = sum_heads op2(dY, s)^T q[:, kt] + w dSk[kt]^T
+#                  partials  k[:, kt] dSk[kt]  and  sum_rows(dSk[kt] * Hk[kt])
+#   value tile vt  dv[:, vt] = sum_heads op2(p, s)^T dO[:, vt] + w dSv[:, vt]
+#                  partials  v[:, vt] dSv[:, vt]^T  and  sum_cols(dSv[:, vt] * Hv[:, vt])
+#
+# and a last small kernel adds the tiles' partials into ds and dg:
+#
+#   ds = dsi + exp(b_end - b) (k dSk + v dSv^T)
+#   dg = revcumsum(R - s ds_off) + exclusive_cumsum(w (k dSk + v dSv^T)) + exp(b_end) <dS, H>
+#
+# Fewer live tiles per program (no [C, K] gradient next to a [C, M] one, no full-width state) and
+# more programs than the two fused kernels above.
+
+
+@triton.jit
+def _dq_dk_loop(q, dy, dq, acc, k_t, hk_d, s_t, sn, b, eb, safe, rows, o_k, o_m, m_tk, m_tm, h, H: tl.constexpr,
+                G: tl.constexpr, K: tl.constexpr, M: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
+                PREC: tl.constexpr):
+    HQ: tl.constexpr = H * G
+    for i in range(G):
+        hq = h * G + i
+        q_t = tl.load(q + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+        dy_t = tl.load(dy + rows[:, None] * (HQ * M) + hq * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
+        a3 = op2(dy_t, s_t, sn, b, eb, safe, C, DT, PREC)
+        dq_t = tl.dot((dy_t * eb).to(DT), tl.trans(hk_d), input_precision=PREC)
+        dq_t += tl.dot(a3.to(DT), k_t, input_precision=PREC)
+        tl.store(dq + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], dq_t.to(dq.dtype.element_ty), mask=m_tk)
+        acc += tl.dot(tl.trans(a3).to(DT), q_t, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _dv_loop(do, prob, acc, s_t, sn, b, eb, safe, rows, o_v, o_m, m_tv, m_tm, h, H: tl.constexpr, G: tl.constexpr,
+             V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    HQ: tl.constexpr = H * G
+    for i in range(G):
+        hq = h * G + i
+        do_t = tl.load(do + rows[:, None] * (HQ * V) + hq * V + o_v[None, :], mask=m_tv, other=0.).to(DT)
+        p_t = tl.load(prob + rows[:, None] * (HQ * M) + hq * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
+        a2 = op2(p_t, s_t, sn, b, eb, safe, C, DT, PREC)
+        acc += tl.dot(tl.trans(a2).to(DT), do_t, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq, dk, dv, part, carry, chunks,
+                     n_chunks, n_rows, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+                     NKT: tl.constexpr, SPEC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                     THR: tl.constexpr):
+    """Programs pt < NKT: dq and dk on key tile pt; the others dv on value tile pt - NKT. Each also
+    writes its tile's share of k dSk (v dSv^T) and of <dS, H> for the last kernel. SPEC: compile
+    the loop over query heads once per gate regime (factored / pairwise), so that each copy keeps
+    only the gate tiles it needs live."""
+    NT: tl.constexpr = NKT + (V + BV - 1) // BV
+    # grid (NT * chunks, H): the tiles of one chunk are neighbours (they share dY, p, s, g in L2)
+    c, pt, h = tl.program_id(0) // NT, tl.program_id(0) % NT, tl.program_id(1)
+    tok0 = tl.load(chunks + c * 3).to(tl.int64)
+    length = tl.load(chunks + c * 3 + 1)
+    sidx = tl.load(chunks + c * 3 + 2).to(tl.int64)
+    o_t, o_m = tl.arange(0, C), tl.arange(0, BM)
+    m_t, m_m = o_t < length, o_m < M
+    m_tm = m_t[:, None] & m_m[None, :]
+    rows = tok0 + o_t
+    s_t = tl.load(s + rows[:, None] * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
+    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    sn = (s_t * enb).to(DT)
+    w = (s_t * tl.exp(b_end[None, :] - b)).to(DT)
+    poff = (pt * n_rows + rows[:, None]) * (H * M) + h * M + o_m[None, :]
+    coff = (pt * n_chunks + c) * (H * M) + h * M + o_m
+    if pt < NKT:
+        o_k = pt * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk, m_km = m_t[:, None] & m_k[None, :], m_k[:, None] & m_m[None, :]
+        k_t = tl.load(k + rows[:, None] * (H * K) + h * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
+        stk = (sidx * H + h) * (K * M) + o_k[:, None] * M + o_m[None, :]
+        hk = tl.load(snap_k + stk, mask=m_km, other=0.).to(tl.float32)
+        dsk = tl.load(ds_k + stk, mask=m_km, other=0.).to(tl.float32)
+        tl.store(carry + coff, vsum(dsk * hk, 0), mask=m_m)
+        hk_d, dsk_d = hk.to(DT), dsk.to(DT)
+        tl.store(part + poff, tl.dot(k_t, dsk_d, input_precision=PREC), mask=m_tm)
+        dk_acc = tl.dot(w, tl.trans(dsk_d), input_precision=PREC)
+        if SPEC:
+            if safe:
+                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, True, rows, o_k, o_m, m_tk, m_tm,
+                                     h, H, G, K, M, C, DT, PREC)
+            else:
+                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, False, rows, o_k, o_m, m_tk,
+                                     m_tm, h, H, G, K, M, C, DT, PREC)
+        else:
+            dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, safe, rows, o_k, o_m, m_tk, m_tm, h,
+                                 H, G, K, M, C, DT, PREC)
+        tl.store(dk + rows[:, None] * (H * K) + h * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_tk)
+    else:
+        o_v = (pt - NKT) * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv, m_mv = m_t[:, None] & m_v[None, :], m_m[:, None] & m_v[None, :]
+        stv = (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :]
+        hv = tl.load(snap_v + stv, mask=m_mv, other=0.).to(tl.float32)
+        dsv = tl.load(ds_v + stv, mask=m_mv, other=0.).to(tl.float32)
+        tl.store(carry + coff, vsum(dsv * hv, 1), mask=m_m)
+        dsv_d = dsv.to(DT)
+        v_t = tl.load(v + rows[:, None] * (H * V) + h * V + o_v[None, :], mask=m_tv, other=0.).to(DT)
+        tl.store(part + poff, tl.dot(v_t, tl.trans(dsv_d), input_precision=PREC), mask=m_tm)
+        dv_acc = tl.dot(w, dsv_d, input_precision=PREC)
+        if SPEC:
+            if safe:
+                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, True, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M,
+                                  C, DT, PREC)
+            else:
+                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, False, rows, o_v, o_m, m_tv, m_tm, h, H, G, V,
+                                  M, C, DT, PREC)
+        else:
+            dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, safe, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M, C,
+                              DT, PREC)
+        tl.store(dv + rows[:, None] * (H * V) + h * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _bwd_finish_kernel(s, g, r, dsx, part, carry, ds, dg, chunks, n_chunks, n_rows, H: tl.constexpr,
+                       M: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, NT: tl.constexpr, THR: tl.constexpr):
+    c, h = tl.program_id(0), tl.program_id(1)
+    tok0 = tl.load(chunks + c * 3).to(tl.int64)
+    length = tl.load(chunks + c * 3 + 1)
+    o_t, o_m = tl.arange(0, C), tl.arange(0, BM)
+    m_t, m_m = o_t < length, o_m < M
+    m_tm = m_t[:, None] & m_m[None, :]
+    rows = tok0 + o_t
+    off = rows[:, None] * (H * M) + h * M + o_m[None, :]
+    s_t = tl.load(s + off, mask=m_tm, other=0.).to(tl.float32)
+    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    to_end = tl.exp(b_end[None, :] - b)
+    kvd = tl.full([C, BM], 0., tl.float32)
+    cs = tl.full([BM], 0., tl.float32)
+    for pt in tl.static_range(NT):
+        kvd += tl.load(part + (pt * n_rows + rows[:, None]) * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.)
+        cs += tl.load(carry + (pt * n_chunks + c) * (H * M) + h * M + o_m, mask=m_m, other=0.)
+    kvd *= to_end
+    # dsx planes: q k^T part off the diagonal, with it; dO v^T part off the diagonal, with it
+    ds_off = tl.load(dsx + off, mask=m_tm, other=0.)
+    ds_off += tl.load(dsx + (2 * n_rows + rows[:, None]) * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.)
+    db = tl.load(r + off, mask=m_tm, other=0.) - s_t * ds_off
+    dg_t = vcumsum(db, True) + exclusive_cumsum(s_t * kvd) + (tl.exp(b_end) * cs)[None, :]
+    tl.store(dg + off, dg_t.to(dg.dtype.element_ty), mask=m_tm)
+    ds_t = tl.load(dsx + (n_rows + rows[:, None]) * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.)
+    ds_t += tl.load(dsx + (3 * n_rows + rows[:, None]) * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.)
+    tl.store(ds + off, (ds_t + kvd).to(ds.dtype.element_ty), mask=m_tm)
+
+
+def backward_inputs_split(p, do, prob, dy, r, dsx, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C, tile=64,
+                          num_warps=8, num_stages=2, warps_finish=8, spec=False):
+    """dq, dk, dv, ds, dg in the input dtype, from the prep kernel's R and the backward state
+    kernels' dS and intra-chunk ds parts (dsx)."""
+    d = p.dims
+    dev = p.q.device
+    dq, dk, dv = torch.empty_like(p.q), torch.empty_like(p.k), torch.empty_like(p.v)
+    ds, dg = torch.empty_like(p.s), torch.empty_like(p.g)
+    if n_chunks:
+        BK, BV = min(tile, p.BK), min(tile, p.BV)
+        nkt, nvt = triton.cdiv(d.K, BK), triton.cdiv(d.V, BV)
+        n_rows = d.B * d.T
+        part = torch.empty(nkt + nvt, n_rows, d.H, d.M, device=dev, dtype=torch.float32)
+        carry = torch.empty(nkt + nvt, n_chunks, d.H, d.M, device=dev, dtype=torch.float32)
+        _bwd_dqkv_kernel[((nkt + nvt) * n_chunks, d.H)](
+            p.q, p.k, p.v, p.s, p.g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq, dk, dv, part, carry, chunks,
+            n_chunks, n_rows, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BK=BK, BV=BV, BM=p.BM, NKT=nkt, SPEC=spec,
+            DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
+        _bwd_finish_kernel[(n_chunks, d.H)](
+            p.s, p.g, r, dsx, part, carry, ds, dg, chunks, n_chunks, n_rows, H=d.H, M=d.M, C=C, BM=p.BM,
+            NT=nkt + nvt, THR=THRESH, num_warps=warps_finish)
     return dq, dk, dv, ds, dg

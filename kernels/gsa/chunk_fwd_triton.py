@@ -34,7 +34,7 @@ def chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, safe, scale, m_m, C: tl.constexpr
 def _fwd_o_kernel(q, k, v, s, g, snap_k, snap_v, o, chunks, scale, H: tl.constexpr, G: tl.constexpr,
                   K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  THR: tl.constexpr):
+                  THR: tl.constexpr, SPEC: tl.constexpr):
     c, h = tl.program_id(0), tl.program_id(1)
     tok0 = tl.load(chunks + c * 3).to(tl.int64)
     length = tl.load(chunks + c * 3 + 1)
@@ -56,6 +56,23 @@ def _fwd_o_kernel(q, k, v, s, g, snap_k, snap_v, o, chunks, scale, H: tl.constex
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
+    if SPEC:  # one copy of the loop per gate regime: each keeps only the gate tiles it uses live
+        if safe:
+            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, True, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+                         H, G, K, V, C, DT, PREC)
+        else:
+            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, False, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+                         H, G, K, V, C, DT, PREC)
+    else:
+        _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+                     H, G, K, V, C, DT, PREC)
+
+
+@triton.jit
+def _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+                 H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 DT: tl.constexpr, PREC: tl.constexpr):
+    HQ: tl.constexpr = H * G
     for i in range(G):
         hq = h * G + i
         q_t = tl.load(q + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
@@ -67,12 +84,12 @@ def _fwd_o_kernel(q, k, v, s, g, snap_k, snap_v, o, chunks, scale, H: tl.constex
                  mask=m_t[:, None] & m_v[None, :])
 
 
-def forward_output(p, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_stages=2):
+def forward_output(p, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_stages=2, spec=False):
     d = p.dims
     o = torch.empty(d.B, d.T, d.HQ, d.V, device=p.q.device, dtype=p.q.dtype)
     if n_chunks:
         _fwd_o_kernel[(n_chunks, d.H)](
             p.q, p.k, p.v, p.s, p.g, snap_k, snap_v, o, chunks, p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M,
-            C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH,
+            C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, SPEC=spec,
             num_warps=num_warps, num_stages=num_stages)
     return o

@@ -21,11 +21,17 @@ Two exact evaluations, chosen per (chunk, kv head) at run time:
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 # Largest |cumulative log gate| inside a chunk for which the factored form is used.
 THRESH = 40.0
+
+# Running in the Triton interpreter (CPU tests): a few helpers take a formulation the interpreter
+# evaluates quickly (same values). Read when the module is (re)loaded, like Triton itself does.
+INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # Reductions and scans through tl.reduce / tl.associative_scan with the standard combine
@@ -147,8 +153,16 @@ def _excl_combine(a1, b1, a2, b2):
 @triton.jit
 def exclusive_cumsum(x):
     """sum_{i<t} x[i] along axis 0, by additions only (inclusive cumsum minus x[t] would cancel
-    catastrophically when x[t] dominates the sum, e.g. a token's own undecayed state write)."""
-    return tl.associative_scan((tl.full(x.shape, 0., x.dtype), x), 0, _excl_combine)[0]
+    catastrophically when x[t] dominates the sum, e.g. a token's own undecayed state write).
+
+    The interpreter runs a scan with a custom combine one element at a time (slow); there the
+    rows are shifted down by one with an exact 0/1 product and summed by the built-in cumsum."""
+    if INTERP:
+        o = tl.arange(0, x.shape[0])
+        shift = tl.where(o[:, None] == o[None, :] + 1, 1., 0.)
+        return vcumsum(tl.dot(shift, x.to(tl.float32), input_precision="ieee"), False)
+    else:
+        return tl.associative_scan((tl.full(x.shape, 0., x.dtype), x), 0, _excl_combine)[0]
 
 
 @triton.jit

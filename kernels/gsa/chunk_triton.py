@@ -1,12 +1,16 @@
 """Chunked GSA on Triton: training and prefill, forward and backward in one autograd.Function.
 
-Kernels per call (chunk size C, one program per (chunk, kv head) unless said otherwise):
+Kernels per call (chunk size C; with CONFIG["state"] = "scan" and CONFIG["bwd"] = "split"):
 
-    forward   state snapshots (sequential over chunks per (sequence, kv head, tile); chunk_state_triton)
+    forward   chunk-parallel state contributions, then a scan over chunks (chunk_state_triton)
               fused pass 1 + softmax + pass 2 (chunk_fwd_triton)
     backward  prep: p, dY, R (chunk_bwd_triton)
-              state-gradient scan (reverse, chunk_state_triton)
-              dq, dk  |  dv, ds, dg (chunk_bwd_triton)
+              chunk-parallel state-gradient contributions and intra-chunk ds parts, then a reverse
+              scan (chunk_state_triton)
+              dq, dk per key tile | dv per value tile; then ds, dg (chunk_bwd_triton)
+
+or (CONFIG["state"] = "seq", CONFIG["bwd"] = "fused") one program walks all chunks of a sequence
+for each state, and two kernels give all input gradients at full key/value width.
 
 GQA is native: states live per kv head ([N, H, K, M] and [N, H, M, V]) and every kernel loops
 over the G query heads of its group. Varlen batches (cu_seqlens) are handled by per-chunk tables.
@@ -15,46 +19,84 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_bwd_triton import backward_inputs, backward_prep
+from .chunk_bwd_triton import backward_inputs, backward_inputs_split, backward_prep
 from .chunk_fwd_triton import forward_output
-from .chunk_state_triton import backward_states, forward_states
+from .chunk_state_triton import backward_states, backward_states_scan, forward_states, forward_states_scan
 from .common_triton import chunk_tables, prepare
 
-# Tunables (the benchmark may override them): chunk size, warps per kernel family, and the dtype
-# of the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
+# Tunables (the benchmark may override them): chunk size, warps per kernel family, the dtype of
+# the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
 # and logit gradients): "fp32", or "input" (bf16 for 16-bit inputs: half the bytes, about twice
-# the rounding error in the gradients).
-CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "fp32"}
+# the rounding error in the gradients); the state algorithm ("scan" or "seq"), the input-gradient
+# kernels ("split" or "fused") and, for "split", the key/value tile width and its warps.
+CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "fp32",
+          "state": "seq", "bwd": "fused", "tile": 64, "warps_split": 8, "warps_local": 8, "warps_finish": 8,
+          "spec": False}
+
+
+def run_forward(p, C, cfg=None):
+    """Forward kernels: (o, snapshots k/v, final states k/v, tables, decays or None)."""
+    cfg = cfg or CONFIG
+    seq, chunks, bslot, n_snap, n_chunks = chunk_tables(p, C)
+    if cfg["state"] == "scan":
+        snap_k, snap_v, ht_k, ht_v, dec = forward_states_scan(p, seq, chunks, n_snap, n_chunks, C,
+                                                              cfg["warps_state"], cfg["stages"])
+    else:
+        snap_k, snap_v, ht_k, ht_v = forward_states(p, seq, n_snap, C, cfg["warps_state"], cfg["stages"])
+        dec = None
+    o = forward_output(p, snap_k, snap_v, chunks, n_chunks, C, cfg["warps_fwd"], cfg["stages"], cfg["spec"])
+    return o, snap_k, snap_v, ht_k, ht_v, (seq, chunks, bslot, n_snap, n_chunks), dec
+
+
+def run_backward(p, C, do, snap_k, snap_v, dht_k, dht_v, tables, dec, cfg=None):
+    """Backward kernels: dq, dk, dv, ds, dg, dh0_k, dh0_v."""
+    cfg = cfg or CONFIG
+    seq, chunks, bslot, n_snap, n_chunks = tables
+    w, st = cfg["warps_bwd"], cfg["stages"]
+    split = cfg["bwd"] == "split"
+    if split and dec is None:
+        raise ValueError("CONFIG: bwd='split' needs state='scan'")
+    prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, w, st, cfg["spec"])
+    if dec is not None:
+        out = backward_states_scan(p, p.q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, dec, n_snap, n_chunks, C,
+                                   cfg["warps_local"] if split else cfg["warps_state"], st, ds=split,
+                                   spec=split and cfg["spec"])
+        ds_k, ds_v, dh0_k, dh0_v = out[:4]
+    else:
+        ds_k, ds_v, dh0_k, dh0_v = backward_states(p, p.q, do, dy, prob, dht_k, dht_v, seq, n_snap, C,
+                                                   cfg["warps_state"], st)
+    if split:
+        grads = backward_inputs_split(p, do, prob, dy, r, out[4], snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C,
+                                      cfg["tile"], cfg["warps_split"], st, cfg["warps_finish"], cfg["spec"])
+    else:
+        grads = backward_inputs(p, do, prob, dy, r, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C, w, st)
+    return (*grads, dh0_k, dh0_v)
 
 
 class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, s, g, hk0, hv0, prep):
         C = CONFIG["chunk"]
-        seq, chunks, n_snap, n_chunks = chunk_tables(prep, C)
-        snap_k, snap_v, ht_k, ht_v = forward_states(prep, seq, n_snap, C, CONFIG["warps_state"], CONFIG["stages"])
-        o = forward_output(prep, snap_k, snap_v, chunks, n_chunks, C, CONFIG["warps_fwd"], CONFIG["stages"])
-        ctx.save_for_backward(snap_k, snap_v, seq, chunks)
-        ctx.prep, ctx.n_snap, ctx.n_chunks, ctx.C = prep, n_snap, n_chunks, C
+        cfg = dict(CONFIG)
+        o, snap_k, snap_v, ht_k, ht_v, tables, dec = run_forward(prep, C, cfg)
+        ctx.save_for_backward(snap_k, snap_v, *tables[:3], *([dec] if dec is not None else []))
+        ctx.prep, ctx.n_snap, ctx.n_chunks, ctx.C, ctx.cfg = prep, tables[3], tables[4], C, cfg
         ctx.has_h0 = hk0 is not None
         return o, ht_k, ht_v
 
     @staticmethod
     def backward(ctx, do, dht_k, dht_v):
-        snap_k, snap_v, seq, chunks = ctx.saved_tensors
-        p, C = ctx.prep, ctx.C
+        snap_k, snap_v, seq, chunks, bslot, *dec = ctx.saved_tensors
+        p = ctx.prep
         do = do.contiguous()
         d = p.dims
         if dht_k is not None or dht_v is not None:
             dht_k = do.new_zeros(d.N, d.H, d.K, d.M, dtype=torch.float32) if dht_k is None else dht_k
             dht_v = do.new_zeros(d.N, d.H, d.M, d.V, dtype=torch.float32) if dht_v is None else dht_v
             dht_k, dht_v = dht_k.float().contiguous(), dht_v.float().contiguous()
-        w, st = CONFIG["warps_bwd"], CONFIG["stages"]
-        prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, ctx.n_chunks, C, w, st)
-        ds_k, ds_v, dh0_k, dh0_v = backward_states(p, p.q, do, dy, prob, dht_k, dht_v, seq, ctx.n_snap, C,
-                                                   CONFIG["warps_state"], st)
-        dq, dk, dv, ds, dg = backward_inputs(p, do, prob, dy, r, snap_k, snap_v, ds_k, ds_v, chunks,
-                                             ctx.n_chunks, C, w, st)
+        tables = (seq, chunks, bslot, ctx.n_snap, ctx.n_chunks)
+        dq, dk, dv, ds, dg, dh0_k, dh0_v = run_backward(p, ctx.C, do, snap_k, snap_v, dht_k, dht_v, tables,
+                                                        dec[0] if dec else None, ctx.cfg)
         if not ctx.has_h0:
             dh0_k = dh0_v = None
         return dq, dk, dv, ds, dg, dh0_k, dh0_v, None

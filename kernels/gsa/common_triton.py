@@ -91,23 +91,27 @@ def chunk_tables(p: Prepared, C: int):
 
     seq  [N, 3]:  bos, eos (flattened token rows), offset of its first state snapshot
     chunk [NC, 3]: first token row, length (<= C), index of the snapshot entering the chunk
+    bslot [NC]: where the backward scan finds chunk j's own state-gradient contribution: entry
+                off + j - 1 for j >= 1, the sequence's spare last entry off + nchunks for j = 0
     Sequence n owns ceil(len / C) + 1 snapshots (the last one is its final state).
-    Returns (seq, chunk, number of snapshots, number of chunks).
+    Returns (seq, chunk, bslot, number of snapshots, number of chunks).
     """
     d = p.dims
     key = None if p.varlen else (d.B, d.T, C, str(p.q.device))
     if key is not None and key in _TABLES:
         return _TABLES[key]
-    seq, chunk, off = [], [], 0
+    seq, chunk, bslot, off = [], [], [], 0
     for row, start, end in p.spans:
         bos, eos = row * d.T + start, row * d.T + end
         nc = -(-(eos - bos) // C)
         seq.append((bos, eos, off))
         chunk.extend((bos + j * C, min(C, eos - bos - j * C), off + j) for j in range(nc))
+        bslot.extend(off + j - 1 if j else off + nc for j in range(nc))
         off += nc + 1
     seq_t = torch.tensor(seq, dtype=torch.int32).view(-1, 3).to(p.q.device)
     chunk_t = torch.tensor(chunk, dtype=torch.int32).view(-1, 3).to(p.q.device)
-    out = (seq_t, chunk_t, off, len(chunk))
+    bslot_t = torch.tensor(bslot, dtype=torch.int32).to(p.q.device)
+    out = (seq_t, chunk_t, bslot_t, off, len(chunk))
     if key is not None:
         if len(_TABLES) > 64:
             _TABLES.clear()

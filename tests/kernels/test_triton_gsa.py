@@ -127,6 +127,63 @@ def test_chunk_fp16_inputs():
     assert_close(out, reference(inputs, h0), TOL[torch.float16])
 
 
+# ------------------------------------------------------------- other kernel configurations
+
+CONFIGS = {
+    # sequential state walks, two fused input-gradient kernels
+    "previous": {"state": "seq", "bwd": "fused", "spec": False},
+    # chunk-parallel states and scans, input gradients split over key/value tiles, one copy of each
+    # head loop per gate regime
+    "split": {"state": "scan", "bwd": "split", "spec": True},
+    # the same with tiles narrower than K and V (partial sums over several tiles), one head loop
+    "tile16_nospec": {"state": "scan", "bwd": "split", "tile": 16, "spec": False},
+}
+
+
+@pytest.fixture
+def kernel_config(request):
+    from t2r.kernels.gsa import chunk_triton
+
+    old = dict(chunk_triton.CONFIG)
+    chunk_triton.CONFIG.update(CONFIGS[request.param])
+    yield request.param
+    chunk_triton.CONFIG.clear()
+    chunk_triton.CONFIG.update(old)
+
+
+@pytest.mark.parametrize("kernel_config", list(CONFIGS), indirect=True)
+@pytest.mark.parametrize("case", ["T200_bf16", "mixed_gates_fp32"])
+def test_chunk_kernel_configs(kernel_config, case):
+    dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
+    if case.startswith("mixed"):
+        *inputs, h0 = make_inputs(1, 130, 4, 2, K=40, V=24, M=16, dtype=dtype, gate="near0", initial_state=True,
+                                  seed=3, device=DEVICE)
+        normal = make_inputs(1, 130, 4, 2, K=40, V=24, M=16, dtype=dtype, seed=4, device=DEVICE)
+        inputs[3] = torch.cat([inputs[3][..., :8], normal[3][..., 8:]], -1)
+        inputs[4] = torch.cat([inputs[4][..., :8], normal[4][..., 8:]], -1)
+    else:
+        *inputs, h0 = make_inputs(2, 200, 4, 2, K=40, V=24, M=16, dtype=dtype, initial_state=True, seed=11,
+                                  device=DEVICE)
+    out = run_with_grads(triton_chunk, inputs, h0, poison=True)
+    assert_close(out, reference(inputs, h0), TOL[dtype])
+
+
+def test_chunk_state_scan_in_blocks(monkeypatch):
+    """The state scans take several chunks per step through an associative scan on the GPU; on CPU
+    one chunk per step unless told otherwise. Several chunks per step here, with partial blocks,
+    varlen sequences (empty, one token, several chunks) and a state and its gradient carried in."""
+    from t2r.kernels.gsa import chunk_state_triton, chunk_triton
+
+    monkeypatch.setitem(chunk_triton.CONFIG, "state", "scan")
+    monkeypatch.setitem(chunk_triton.CONFIG, "bwd", "split")
+    monkeypatch.setattr(chunk_state_triton, "SCAN_NB_CPU", 2)
+    monkeypatch.setattr(chunk_state_triton, "SCAN_BE_CPU", 128)
+    cu = torch.tensor([0, 1, 1, 40, 57, 250, 251], device=DEVICE)
+    *inputs, h0 = make_inputs(1, 251, 4, 2, K=16, V=16, M=16, initial_state=True, N=6, seed=23, device=DEVICE)
+    out = run_with_grads(triton_chunk, inputs, h0, poison=True, cu_seqlens=cu)
+    assert_close(out, reference(inputs, h0, cu_seqlens=cu.cpu()), 1e-4)
+
+
 # ----------------------------------------------------------------------------------- decoding
 
 def triton_step(*args, **kwargs):
@@ -185,12 +242,17 @@ def test_decode_continues_a_triton_prefill(dtype):
 # ------------------------------------------------------------------------ real shapes, GPU only
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need a GPU")
-@pytest.mark.parametrize("varlen", [False, True])
-def test_real_shapes_mistral_chunk(varlen):
-    """Mistral-7B attention: 32 query heads, 8 kv heads, head dim 128, 64 slots, bf16."""
+@pytest.mark.parametrize("varlen,gate", [(False, "normal"), (True, "normal"), (False, "mixed")])
+def test_real_shapes_mistral_chunk(varlen, gate):
+    """Mistral-7B attention: 32 query heads, 8 kv heads, head dim 128, 64 slots, bf16; 'mixed': half
+    of the slots with forget gates near 0 (the pairwise intra-chunk path), half ordinary."""
     B, T = (1, 4096) if varlen else (2, 2048)
     *inputs, h0 = make_inputs(B, T, 32, 8, K=128, V=128, M=64, dtype=torch.bfloat16, initial_state=True,
-                              N=3 if varlen else None, seed=1, device="cuda")
+                              N=3 if varlen else None, seed=1, device="cuda", gate="near0" if gate == "mixed" else gate)
+    if gate == "mixed":
+        normal = make_inputs(B, T, 32, 8, K=128, V=128, M=64, dtype=torch.bfloat16, seed=2, device="cuda")
+        inputs[3] = torch.cat([inputs[3][..., :32], normal[3][..., 32:]], -1)
+        inputs[4] = torch.cat([inputs[4][..., :32], normal[4][..., 32:]], -1)
     kw = {"cu_seqlens": torch.tensor([0, 1000, 1001, 4096], device="cuda")} if varlen else {}
     out = run_with_grads(triton_chunk, inputs, h0, poison=True, **kw)
     ref = run_with_grads(chunk_gsa_torch, [x.detach().float() for x in inputs], h0, **kw)
