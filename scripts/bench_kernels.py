@@ -6,8 +6,10 @@ kernel is reported, not timed). Times are medians of triton.testing.do_bench (CU
 
     python scripts/bench_kernels.py [--out DIR] [--sweep] [--skip-fla] [--breakdown] [--no-decode] [--ts 2048,4096]
 
-Prints markdown tables (the last one is the summary that docs/benchmarks.md carries) and writes
-the raw numbers to DIR/bench.json.
+--breakdown profiles one forward+backward per kernel (torch.profiler) for the default and the
+previous kernel configuration, against each kernel's FLOP and byte floors; --sweep times the SWEEP
+configurations (the first at every T). Prints markdown tables (the last one is the summary that
+docs/benchmarks.md carries) and writes the raw numbers to DIR/bench.json after each stage.
 """
 from __future__ import annotations
 
@@ -404,10 +406,9 @@ def tables(gpu, versions):
 PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64}  # the kernels before the split
 SWEEP = [
     ("previous", PREVIOUS, True),
-    ("chunk32", {"chunk": 32, "warps_split": 4, "warps_finish": 4}, True),
-    ("tile128", {"tile": 128}, False),
-    ("split_w4", {"warps_split": 4}, False),
-    ("nospec", {"spec": False}, False),
+    ("tile64_w4", {"tile": 64, "warps_split": 4}, True),
+    ("tile64_w8", {"tile": 64, "warps_split": 8}, False),
+    ("tile128_w4", {"tile": 128, "warps_split": 4}, False),
 ]
 
 

@@ -1,6 +1,6 @@
 """Chunked GSA on Triton: training and prefill, forward and backward in one autograd.Function.
 
-Kernels per call (chunk size C; with CONFIG["state"] = "scan" and CONFIG["bwd"] = "split"):
+Kernels per call (chunk size C; the defaults CONFIG["state"] = "scan", CONFIG["bwd"] = "split"):
 
     forward   chunk-parallel state contributions, then a scan over chunks (chunk_state_triton)
               fused pass 1 + softmax + pass 2 (chunk_fwd_triton)
@@ -9,8 +9,9 @@ Kernels per call (chunk size C; with CONFIG["state"] = "scan" and CONFIG["bwd"] 
               scan (chunk_state_triton)
               dq, dk per key tile | dv per value tile; then ds, dg (chunk_bwd_triton)
 
-or (CONFIG["state"] = "seq", CONFIG["bwd"] = "fused") one program walks all chunks of a sequence
-for each state, and two kernels give all input gradients at full key/value width.
+or, as before 2026-11-28 (CONFIG["state"] = "seq", CONFIG["bwd"] = "fused", 1.6-2.3x slower for
+forward+backward on the H200: docs/benchmarks.md), one program walks all chunks of a sequence for
+each state, and two kernels give all input gradients at full key/value width.
 
 GQA is native: states live per kv head ([N, H, K, M] and [N, H, M, V]) and every kernel loops
 over the G query heads of its group. Varlen batches (cu_seqlens) are handled by per-chunk tables.
@@ -28,10 +29,12 @@ from .common_triton import chunk_tables, prepare
 # the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
 # and logit gradients): "fp32", or "input" (bf16 for 16-bit inputs: half the bytes, about twice
 # the rounding error in the gradients); the state algorithm ("scan" or "seq"), the input-gradient
-# kernels ("split" or "fused") and, for "split", the key/value tile width and its warps.
+# kernels ("split" or "fused"), for "split" the key/value tile width and the warps of its kernels,
+# and "spec": compile each loop over query heads once per gate regime (factored / pairwise).
+# Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
 CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "fp32",
-          "state": "seq", "bwd": "fused", "tile": 64, "warps_split": 8, "warps_local": 8, "warps_finish": 8,
-          "spec": False}
+          "state": "scan", "bwd": "split", "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 8,
+          "spec": True}
 
 
 def run_forward(p, C, cfg=None):
