@@ -6,6 +6,7 @@ batch compute the same loss and the same update.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -171,7 +172,7 @@ class Run:
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
-            ctx = acc.no_sync(self.model) if not sync else _null()
+            ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
                 loss_sum, parts = stage_loss_sum(self.model, batch, stage)
                 acc.backward(loss_sum * scale)
@@ -381,14 +382,6 @@ class Run:
 
 def _median(values: list[float]) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def finetune(config: RunConfig, resume: bool = False, log=print) -> Path:
