@@ -8,6 +8,7 @@ import torch
 
 from ..models.modeling_t2r import causal_lm_loss, next_token_targets
 from ..train.data import collate
+from ..train.stages import teacher_weights
 
 
 def _sum_over_processes(values: torch.Tensor, accelerator) -> torch.Tensor:
@@ -25,12 +26,7 @@ def perplexity(model, rows: list[dict], batch_size: int, pad_id: int, device, ac
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = rows[rank::world]
     core = accelerator.unwrap_model(model) if accelerator is not None else model
-    modes = contextlib.ExitStack()
-    if teacher:
-        if hasattr(core, "disable_adapter"):
-            modes.enter_context(core.disable_adapter())
-        base = core.get_base_model() if hasattr(core, "get_base_model") else core
-        modes.enter_context(base.teacher_mode())
+    modes = teacher_weights(core) if teacher else contextlib.nullcontext()
     was_training = core.training
     core.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)

@@ -93,7 +93,7 @@ def count_targets(batch: dict, stage) -> torch.Tensor:
     return (next_token_targets(labels, batch.get("cu_seqlens")) != -100).sum()
 
 
-def _teacher(model):
+def teacher_weights(model):
     """Context: the same weights as the teacher (adapters off, GSA layers as softmax)."""
     stack = contextlib.ExitStack()
     core = model.module if hasattr(model, "module") and not hasattr(model, "get_base_model") else model
@@ -118,7 +118,7 @@ def stage_loss_sum(model, batch: dict, stage) -> tuple[torch.Tensor, dict]:
     parts = {"ce": ce.detach()}
     loss = ce
     if stage.kl_weight > 0:
-        with torch.no_grad(), _teacher(model):
+        with torch.no_grad(), teacher_weights(model):
             teacher_logits = model(**inputs, use_cache=False).logits.float()
         t = stage.kl_temperature
         valid = (target != -100).reshape(-1)
