@@ -307,7 +307,7 @@ def _affine_combine(d1, u1, d2, u2):
 
 
 @triton.jit
-def _scan_tile(u, dec, h0, ht, pe, n, h, bos, eos, soff, H: tl.constexpr, DM: tl.constexpr, M: tl.constexpr,
+def _scan_tile(u, w, dec, h0, ht, pe, n, h, bos, eos, soff, H: tl.constexpr, DM: tl.constexpr, M: tl.constexpr,
                MDIV: tl.constexpr, C: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr, REV: tl.constexpr,
                USE_H0: tl.constexpr):
     o_e = pe * BE + tl.arange(0, BE)
@@ -322,7 +322,7 @@ def _scan_tile(u, dec, h0, ht, pe, n, h, bos, eos, soff, H: tl.constexpr, DM: tl
     else:
         hs = tl.full([BE], 0., tl.float32)
     if not REV:
-        tl.store(u + (soff * H + h) * DM + o_e, hs.to(u.dtype.element_ty), mask=m_e)
+        tl.store(w + (soff * H + h) * DM + o_e, hs.to(w.dtype.element_ty), mask=m_e)
     for blk in range(0, (nc + NB - 1) // NB):
         if REV:
             j = nc - 1 - blk * NB - o_r  # position (chunk) written, last chunk first
@@ -336,15 +336,15 @@ def _scan_tile(u, dec, h0, ht, pe, n, h, bos, eos, soff, H: tl.constexpr, DM: tl
             rd = ok
             slot = soff + j + 1
             dch = c0 + j
-        ptr = u + (slot[:, None] * H + h) * DM + o_e[None, :]
-        uu = tl.load(ptr, mask=rd[:, None] & m_e[None, :], other=0.).to(tl.float32)
+        off = (slot[:, None] * H + h) * DM + o_e[None, :]
+        uu = tl.load(u + off, mask=rd[:, None] & m_e[None, :], other=0.).to(tl.float32)
         dd = tl.load(dec + (dch[:, None] * H + h) * M + mi[None, :], mask=rd[:, None] & m_e[None, :], other=1.)
         if NB == 1:
             hb = dd * hs[None, :] + uu
         else:
             dc, uc = tl.associative_scan((dd, uu), 0, _affine_combine)
             hb = dc * hs[None, :] + uc
-        tl.store(ptr, hb.to(u.dtype.element_ty), mask=ok[:, None] & m_e[None, :])
+        tl.store(w + off, hb.to(w.dtype.element_ty), mask=ok[:, None] & m_e[None, :])
         hs = vsum(tl.where(o_r[:, None] == NB - 1, hb, 0.), 0)
     if REV:  # gradient of the state entering chunk 0: d_0 dS_0 + U_0 (U_0 in the spare entry)
         has = (o_e * 0 + nc) > 0
@@ -355,7 +355,7 @@ def _scan_tile(u, dec, h0, ht, pe, n, h, bos, eos, soff, H: tl.constexpr, DM: tl
 
 
 @triton.jit
-def _scan_fwd_kernel(u_k, u_v, dec, h0k, h0v, htk, htv, seq, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _scan_fwd_kernel(u_k, u_v, w_k, w_v, dec, h0k, h0v, htk, htv, seq, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      M: tl.constexpr, C: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr, NEK: tl.constexpr,
                      USE_H0: tl.constexpr):
     """Programs pe < NEK scan element blocks of the slot keys [K, M], the others of the slot values
@@ -366,13 +366,13 @@ def _scan_fwd_kernel(u_k, u_v, dec, h0k, h0v, htk, htv, seq, H: tl.constexpr, K:
     eos = tl.load(seq + n * 3 + 1).to(tl.int64)
     soff = tl.load(seq + n * 3 + 2).to(tl.int64)
     if pe < NEK:
-        _scan_tile(u_k, dec, h0k, htk, pe, n, h, bos, eos, soff, H, K * M, M, 1, C, NB, BE, False, USE_H0)
+        _scan_tile(u_k, w_k, dec, h0k, htk, pe, n, h, bos, eos, soff, H, K * M, M, 1, C, NB, BE, False, USE_H0)
     else:
-        _scan_tile(u_v, dec, h0v, htv, pe - NEK, n, h, bos, eos, soff, H, M * V, M, V, C, NB, BE, False, USE_H0)
+        _scan_tile(u_v, w_v, dec, h0v, htv, pe - NEK, n, h, bos, eos, soff, H, M * V, M, V, C, NB, BE, False, USE_H0)
 
 
 @triton.jit
-def _scan_bwd_kernel(u_k, u_v, dec, h0k, h0v, htk, htv, seq, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _scan_bwd_kernel(u_k, u_v, w_k, w_v, dec, h0k, h0v, htk, htv, seq, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      M: tl.constexpr, C: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr, NEK: tl.constexpr,
                      USE_H0: tl.constexpr):
     """The reverse scan of the state gradients (same layout as _scan_fwd_kernel)."""
@@ -382,9 +382,9 @@ def _scan_bwd_kernel(u_k, u_v, dec, h0k, h0v, htk, htv, seq, H: tl.constexpr, K:
     eos = tl.load(seq + n * 3 + 1).to(tl.int64)
     soff = tl.load(seq + n * 3 + 2).to(tl.int64)
     if pe < NEK:
-        _scan_tile(u_k, dec, h0k, htk, pe, n, h, bos, eos, soff, H, K * M, M, 1, C, NB, BE, True, USE_H0)
+        _scan_tile(u_k, w_k, dec, h0k, htk, pe, n, h, bos, eos, soff, H, K * M, M, 1, C, NB, BE, True, USE_H0)
     else:
-        _scan_tile(u_v, dec, h0v, htv, pe - NEK, n, h, bos, eos, soff, H, M * V, M, V, C, NB, BE, True, USE_H0)
+        _scan_tile(u_v, w_v, dec, h0v, htv, pe - NEK, n, h, bos, eos, soff, H, M * V, M, V, C, NB, BE, True, USE_H0)
 
 
 # Chunks per scan step, state elements per program. The interpreter runs a scan with a custom
@@ -416,15 +416,16 @@ def forward_states_scan(p, seq, chunks, n_snap, n_chunks, C, num_warps=4, num_st
             p.k, p.v, p.s, p.g, snap_k, snap_v, dec, chunks, H=d.H, K=d.K, V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV,
             BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
     use_h0 = p.hk0 is not None
+    # the scan reads the fp32 contributions and writes the states in the snapshot dtype (in place for fp32)
+    out_k, out_v = (snap_k, snap_v) if f32 else (torch.empty_like(snap_k, dtype=p.snap_dtype),
+                                                 torch.empty_like(snap_v, dtype=p.snap_dtype))
     if d.N:
         be = _scan_be(p.q)
         nek, nev = triton.cdiv(d.K * d.M, be), triton.cdiv(d.M * d.V, be)
         _scan_fwd_kernel[(nek + nev, d.N * d.H)](
-            snap_k, snap_v, dec, p.hk0 if use_h0 else ht_k, p.hv0 if use_h0 else ht_v, ht_k, ht_v, seq, H=d.H,
+            snap_k, snap_v, out_k, out_v, dec, p.hk0 if use_h0 else ht_k, p.hv0 if use_h0 else ht_v, ht_k, ht_v, seq, H=d.H,
             K=d.K, V=d.V, M=d.M, C=C, NB=_scan_nb(p.q), BE=be, NEK=nek, USE_H0=use_h0, num_warps=4)
-    if not f32:
-        snap_k, snap_v = snap_k.to(p.snap_dtype), snap_v.to(p.snap_dtype)
-    return snap_k, snap_v, ht_k, ht_v, dec
+    return out_k, out_v, ht_k, ht_v, dec
 
 
 def backward_states_scan(p, q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, dec, n_snap, n_chunks, C,
@@ -446,12 +447,13 @@ def backward_states_scan(p, q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, d
             M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DS=ds, SPEC=spec, DT=p.DT, PREC=p.PREC, THR=THRESH,
             num_warps=num_warps, num_stages=num_stages)
     use_dht = dht_k is not None
+    f32 = p.snap_dtype == torch.float32
+    out_k, out_v = (ds_k, ds_v) if f32 else (torch.empty_like(ds_k, dtype=p.snap_dtype),
+                                             torch.empty_like(ds_v, dtype=p.snap_dtype))
     if d.N:
         be = _scan_be(p.q)
         nek, nev = triton.cdiv(d.K * d.M, be), triton.cdiv(d.M * d.V, be)
         _scan_bwd_kernel[(nek + nev, d.N * d.H)](
-            ds_k, ds_v, dec, dht_k if use_dht else dh0_k, dht_v if use_dht else dh0_v, dh0_k, dh0_v, seq, H=d.H,
+            ds_k, ds_v, out_k, out_v, dec, dht_k if use_dht else dh0_k, dht_v if use_dht else dh0_v, dh0_k, dh0_v, seq, H=d.H,
             K=d.K, V=d.V, M=d.M, C=C, NB=_scan_nb(p.q), BE=be, NEK=nek, USE_H0=use_dht, num_warps=4)
-    if p.snap_dtype != torch.float32:
-        ds_k, ds_v = ds_k.to(p.snap_dtype), ds_v.to(p.snap_dtype)
-    return (ds_k, ds_v, dh0_k, dh0_v, dsx) if ds else (ds_k, ds_v, dh0_k, dh0_v)
+    return (out_k, out_v, dh0_k, dh0_v, dsx) if ds else (out_k, out_v, dh0_k, dh0_v)

@@ -27,8 +27,9 @@ from .common_triton import chunk_tables, prepare
 
 # Tunables (the benchmark may override them): chunk size, warps per kernel family, the dtype of
 # the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
-# and logit gradients): "fp32", or "input" (bf16 for 16-bit inputs: half the bytes, about twice
-# the rounding error in the gradients); the state algorithm ("scan" or "seq"), the input-gradient
+# and logit gradients): "fp32", "input" (bf16 for 16-bit inputs: half the bytes, about twice
+# the rounding error in the gradients) or "states" (16-bit snapshots, which every consumer rounds to
+# the tensor-core dtype anyway, fp32 probabilities and logit gradients); the state algorithm ("scan" or "seq"), the input-gradient
 # kernels ("split" or "fused"), for "split" the key/value tile width and the warps of its kernels,
 # and "spec": compile each loop over query heads once per gate regime (factored / pairwise).
 # Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
@@ -113,8 +114,10 @@ def chunk_gsa_triton(q, k, v, s, g, scale=None, initial_state=None, output_final
     through the final states.
     """
     prep = prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, "chunk_gsa")
+    if CONFIG["store"] in ("fp32", "states"):  # "states": 16-bit state snapshots, fp32 p and dY
+        prep.act_dtype = torch.float32
     if CONFIG["store"] == "fp32":
-        prep.snap_dtype = prep.act_dtype = torch.float32
+        prep.snap_dtype = torch.float32
     hk0, hv0 = prep.hk0, prep.hv0
     o, ht_k, ht_v = ChunkGSAFunction.apply(prep.q, prep.k, prep.v, prep.s, prep.g, hk0, hv0, prep)
     return o, ((ht_k, ht_v) if output_final_state else None)

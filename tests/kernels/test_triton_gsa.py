@@ -137,6 +137,10 @@ CONFIGS = {
     "split": {"state": "scan", "bwd": "split", "spec": True},
     # the same with tiles narrower than K and V (partial sums over several tiles), one head loop
     "tile16_nospec": {"state": "scan", "bwd": "split", "tile": 16, "spec": False},
+    # 16-bit state snapshots and state gradients (written by the scans), fp32 p and dY
+    "store_states": {"state": "scan", "bwd": "split", "store": "states"},
+    # every intermediate kept between kernels in the input dtype
+    "store_input": {"state": "scan", "bwd": "split", "store": "input"},
 }
 
 
