@@ -438,12 +438,17 @@ def tables(gpu, versions):
 # whether to time it at every T of the run (else at the first only). In order of interest: the
 # budget (--budget-s) drops the last ones first.
 PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64}  # the kernels before the split
+BWD3 = {"stages_prep": 3, "stages_local": 3, "stages_split": 3}
 SWEEP = [
-    ("store_states", {"store": "states"}, True),
-    ("store_input", {"store": "input"}, False),
-    ("stages1", {"stages": 1}, False),
+    ("bwd_stages3", BWD3, True),
+    ("bwd_stages3_store_states", {**BWD3, "store": "states"}, True),
+    ("bwd_stages4", {"stages_prep": 4, "stages_local": 4, "stages_split": 4}, False),
+    ("bwd_stages3_prep_w4", {**BWD3, "warps_bwd": 4}, False),
+    ("bwd_stages3_store_input", {**BWD3, "store": "input"}, False),
+    ("bwd_stages3_local_w4", {**BWD3, "warps_local": 4}, False),
+    ("bwd_stages3_tile64_w4", {**BWD3, "tile": 64, "warps_split": 4}, False),
     ("stages3", {"stages": 3}, False),
-    ("previous", PREVIOUS, False),
+    ("store_states", {"store": "states"}, False),
 ]
 
 
@@ -459,6 +464,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP kernel configurations")
     ap.add_argument("--breakdown", action="store_true",
                     help="per-kernel times (torch.profiler) at the first T, default and 'previous' configurations")
+    ap.add_argument("--breakdown-configs", default="default,previous",
+                    help="comma-separated configurations to profile: default, previous or SWEEP names")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip the remaining sweep configurations after this many seconds")
     ap.add_argument("--no-decode", action="store_true")
@@ -473,6 +480,10 @@ def main():
         os.environ["TRITON_INTERPRET"] = "1"
         HQ, H, D, M, G, TOKENS, TS, DEV = 8, 2, 16, 16, 4, 256, [128, 256], "cpu"
     ts = [int(t) for t in args.ts.split(",")] if args.ts else TS
+    known = {"default", "previous", *(n for n, _, _ in SWEEP)}
+    unknown = set(args.breakdown_configs.split(",")) - known
+    if unknown:
+        ap.error(f"--breakdown-configs: unknown {sorted(unknown)}; choose from {sorted(known)}")
     import triton
 
     from t2r.kernels.gsa import chunk_triton
@@ -506,7 +517,9 @@ def main():
     save(args.out)
     if args.breakdown and DEV == "cuda":
         base = dict(chunk_triton.CONFIG)
-        for name, change in [("default", {}), ("previous", PREVIOUS)]:
+        named = {"default": {}, "previous": PREVIOUS, **{n: c for n, c, _ in SWEEP}}
+        for name in args.breakdown_configs.split(","):
+            change = named[name]
             chunk_triton.CONFIG.update(change)
             try:
                 RESULTS["breakdown"][name] = profile_step(ts[0])

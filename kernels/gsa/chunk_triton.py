@@ -32,10 +32,16 @@ from .common_triton import chunk_tables, prepare
 # the tensor-core dtype anyway, fp32 probabilities and logit gradients); the state algorithm ("scan" or "seq"), the input-gradient
 # kernels ("split" or "fused"), for "split" the key/value tile width and the warps of its kernels,
 # and "spec": compile each loop over query heads once per gate regime (factored / pairwise).
+# "stages_<kernel>" (state, fwd, prep, local, split) overrides "stages" for one kernel family.
 # Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
 CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "fp32",
           "state": "scan", "bwd": "split", "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 8,
           "spec": True}
+
+
+def _stages(cfg, kernel):
+    """Software-pipelining stages of one kernel family: CONFIG["stages_<kernel>"], else CONFIG["stages"]."""
+    return cfg.get(f"stages_{kernel}", cfg["stages"])
 
 
 def run_forward(p, C, cfg=None):
@@ -44,11 +50,11 @@ def run_forward(p, C, cfg=None):
     seq, chunks, bslot, n_snap, n_chunks = chunk_tables(p, C)
     if cfg["state"] == "scan":
         snap_k, snap_v, ht_k, ht_v, dec = forward_states_scan(p, seq, chunks, n_snap, n_chunks, C,
-                                                              cfg["warps_state"], cfg["stages"])
+                                                              cfg["warps_state"], _stages(cfg, "state"))
     else:
         snap_k, snap_v, ht_k, ht_v = forward_states(p, seq, n_snap, C, cfg["warps_state"], cfg["stages"])
         dec = None
-    o = forward_output(p, snap_k, snap_v, chunks, n_chunks, C, cfg["warps_fwd"], cfg["stages"], cfg["spec"])
+    o = forward_output(p, snap_k, snap_v, chunks, n_chunks, C, cfg["warps_fwd"], _stages(cfg, "fwd"), cfg["spec"])
     return o, snap_k, snap_v, ht_k, ht_v, (seq, chunks, bslot, n_snap, n_chunks), dec
 
 
@@ -60,10 +66,10 @@ def run_backward(p, C, do, snap_k, snap_v, dht_k, dht_v, tables, dec, cfg=None):
     split = cfg["bwd"] == "split"
     if split and dec is None:
         raise ValueError("CONFIG: bwd='split' needs state='scan'")
-    prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, w, st, cfg["spec"])
+    prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, w, _stages(cfg, "prep"), cfg["spec"])
     if dec is not None:
         out = backward_states_scan(p, p.q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, dec, n_snap, n_chunks, C,
-                                   cfg["warps_local"] if split else cfg["warps_state"], st, ds=split,
+                                   cfg["warps_local"] if split else cfg["warps_state"], _stages(cfg, "local"), ds=split,
                                    spec=split and cfg["spec"])
         ds_k, ds_v, dh0_k, dh0_v = out[:4]
     else:
@@ -71,7 +77,8 @@ def run_backward(p, C, do, snap_k, snap_v, dht_k, dht_v, tables, dec, cfg=None):
                                                    cfg["warps_state"], st)
     if split:
         grads = backward_inputs_split(p, do, prob, dy, r, out[4], snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C,
-                                      cfg["tile"], cfg["warps_split"], st, cfg["warps_finish"], cfg["spec"])
+                                      cfg["tile"], cfg["warps_split"], _stages(cfg, "split"), cfg["warps_finish"],
+                                      cfg["spec"])
     else:
         grads = backward_inputs(p, do, prob, dy, r, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C, w, st)
     return (*grads, dh0_k, dh0_v)
