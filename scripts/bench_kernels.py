@@ -112,7 +112,7 @@ def train_row(T, check_grads, sdpa=True):
         ref_o.backward(do.float())
         ref_g = [t.grad for t in ref_in]
     ref_o = ref_o.detach()
-    REFS[T] = (ref_o, ref_g[0] if check_grads else None)
+    REFS[T] = (ref_o, ref_g[0] if check_grads else None, do)
     del ref_in
     torch.cuda.empty_cache()
 
@@ -205,8 +205,7 @@ def fla_row(T, row):
 
     B = max(1, TOKENS // T)
     x = inputs(B, T, seed=T)
-    do = torch.randn(B, T, HQ, D, device=DEV, dtype=DT)
-    ref_o, ref_dq = REFS[T]
+    ref_o, ref_dq, do = REFS[T]  # the cotangent the reference gradients were taken with
     fx = leaves([x[0]] + [rep(t) for t in x[1:]])
     fo, _ = fla_chunk_gsa(*fx)
     row["fla_err"] = rel(fo, ref_o)
@@ -437,19 +436,45 @@ def tables(gpu, versions):
 # Kernel configurations the sweep times against the default (chunk_triton.CONFIG): name, changes,
 # whether to time it at every T of the run (else at the first only). In order of interest: the
 # budget (--budget-s) drops the last ones first.
-PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64}  # the kernels before the split
-BWD3 = {"stages_prep": 3, "stages_local": 3, "stages_split": 3}
+PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64, "store": "fp32"}  # the kernels before the split
 SWEEP = [
-    ("bwd_stages3", BWD3, True),
-    ("bwd_stages3_store_states", {**BWD3, "store": "states"}, True),
-    ("bwd_stages4", {"stages_prep": 4, "stages_local": 4, "stages_split": 4}, False),
-    ("bwd_stages3_prep_w4", {**BWD3, "warps_bwd": 4}, False),
-    ("bwd_stages3_store_input", {**BWD3, "store": "input"}, False),
-    ("bwd_stages3_local_w4", {**BWD3, "warps_local": 4}, False),
-    ("bwd_stages3_tile64_w4", {**BWD3, "tile": 64, "warps_split": 4}, False),
-    ("stages3", {"stages": 3}, False),
     ("store_states", {"store": "states"}, False),
+    ("store_input", {"store": "input"}, False),
+    ("store_fp32", {"store": "fp32"}, False),
+    ("scan_nb8", {"scan_nb": 8}, False),
+    ("scan_nb32", {"scan_nb": 32}, False),
+    ("scan_be256", {"scan_be": 256}, False),
+    ("scan_be512", {"scan_be": 512}, False),
+    ("scan_be64", {"scan_be": 64}, False),
+    ("finish_w4", {"warps_finish": 4}, False),
+    ("state_stages3", {"stages_state": 3}, False),
+    ("prep_stages2", {"stages_prep": 2}, False),
+    ("fwd_w8_stages1", {"warps_fwd": 8, "stages_fwd": 1}, False),
+    ("stages2", {"stages_prep": 2, "stages_local": 2, "stages_split": 2, "store": "fp32"}, False),
+    ("previous", PREVIOUS, False),
 ]
+
+
+SCAN_DEFAULT: tuple = ()
+
+
+def use_config(change, base=None):
+    """Apply one SWEEP change (kernel CONFIG keys, plus scan_nb / scan_be: the state scans' chunks per
+    step and elements per program), or with change=None restore `base` and the scan defaults."""
+    from t2r.kernels.gsa import chunk_state_triton as cs
+    from t2r.kernels.gsa import chunk_triton
+
+    global SCAN_DEFAULT
+    if not SCAN_DEFAULT:
+        SCAN_DEFAULT = (cs.SCAN_NB, cs.SCAN_BE)
+    if change is None:
+        chunk_triton.CONFIG.clear()
+        chunk_triton.CONFIG.update(base)
+        cs.SCAN_NB, cs.SCAN_BE = SCAN_DEFAULT
+        return
+    chunk_triton.CONFIG.update({k: v for k, v in change.items() if not k.startswith("scan_")})
+    cs.SCAN_NB = change.get("scan_nb", SCAN_DEFAULT[0])
+    cs.SCAN_BE = change.get("scan_be", SCAN_DEFAULT[1])
 
 
 def save(out_dir):
@@ -520,15 +545,14 @@ def main():
         named = {"default": {}, "previous": PREVIOUS, **{n: c for n, c, _ in SWEEP}}
         for name in args.breakdown_configs.split(","):
             change = named[name]
-            chunk_triton.CONFIG.update(change)
+            use_config(change)
             try:
                 RESULTS["breakdown"][name] = profile_step(ts[0])
                 log(f"breakdown {name}: {json.dumps(RESULTS['breakdown'][name])}")
             except Exception as e:
                 RESULTS["errors"][f"breakdown_{name}"] = repr(e)[:300]
                 traceback.print_exc()
-            chunk_triton.CONFIG.clear()
-            chunk_triton.CONFIG.update(base)
+            use_config(None, base)
         RESULTS["kernels"] = kernel_stats()
         log("kernels:", json.dumps(RESULTS["kernels"]))
         save(args.out)
@@ -539,7 +563,7 @@ def main():
             if time.time() - t0 > args.budget_s:
                 log(f"sweep {name}: skipped (budget)")
                 continue
-            chunk_triton.CONFIG.update(change)
+            use_config(change)
             RESULTS["sweep"][name] = {}
             for T in (ts if every_t else ts[:1]):
                 try:
@@ -550,8 +574,7 @@ def main():
                     RESULTS["sweep"][name][T] = {"error": repr(e)[:300]}
                     traceback.print_exc()
                 log(f"sweep {name} T={T} ({time.time() - t0:.0f}s): {json.dumps(RESULTS['sweep'][name][T])}")
-            chunk_triton.CONFIG.clear()
-            chunk_triton.CONFIG.update(base)
+            use_config(None, base)
             save(args.out)
     if not args.skip_fla:
         import signal

@@ -195,8 +195,8 @@ def backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_s
     """p (slot probabilities), dY = scale * dZ (both [B, T, HQ, M]) and R [B, T, H, M] (fp32)."""
     d = p.dims
     dev = p.q.device
-    prob = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.act_dtype)
-    dy = torch.empty_like(prob)
+    prob = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.prob_dtype)
+    dy = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.act_dtype)
     r = torch.empty(d.B, d.T, d.H, d.M, device=dev, dtype=torch.float32)
     if n_chunks:
         _bwd_prep_kernel[(n_chunks, d.H)](

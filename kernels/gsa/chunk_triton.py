@@ -19,6 +19,7 @@ over the G query heads of its group. Varlen batches (cu_seqlens) are handled by 
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 
 from .chunk_bwd_triton import backward_inputs, backward_inputs_split, backward_prep
 from .chunk_fwd_triton import forward_output
@@ -34,9 +35,10 @@ from .common_triton import chunk_tables, prepare
 # and "spec": compile each loop over query heads once per gate regime (factored / pairwise).
 # "stages_<kernel>" (state, fwd, prep, local, split) overrides "stages" for one kernel family.
 # Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
-CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "fp32",
+STORES = ("fp32", "states", "probs", "input")
+CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "auto",
           "state": "scan", "bwd": "split", "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 8,
-          "spec": True}
+          "spec": True, "stages_prep": 3, "stages_local": 3, "stages_split": 3}
 
 
 def _stages(cfg, kernel):
@@ -121,9 +123,18 @@ def chunk_gsa_triton(q, k, v, s, g, scale=None, initial_state=None, output_final
     through the final states.
     """
     prep = prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, "chunk_gsa")
-    if CONFIG["store"] in ("fp32", "states"):  # "states": 16-bit state snapshots, fp32 p and dY
+    store = CONFIG["store"]
+    if store == "auto":  # 16-bit storage only where the tensor cores take 16-bit operands anyway
+        store = "probs" if prep.DT != tl.float32 else "fp32"
+    if store not in STORES:
+        raise ValueError(f"CONFIG['store'] = {store!r}; choose from {STORES} or 'auto'")
+    if store != "input":
         prep.act_dtype = torch.float32
-    if CONFIG["store"] == "fp32":
+    if store in ("fp32", "states"):
+        prep.prob_dtype = torch.float32
+    elif store == "probs" and prep.prob_dtype != torch.float32:
+        prep.prob_dtype = torch.float16  # p is in [0, 1]: fp16 keeps 11 bits with no range risk
+    if store == "fp32":
         prep.snap_dtype = torch.float32
     hk0, hv0 = prep.hk0, prep.hv0
     o, ht_k, ht_v = ChunkGSAFunction.apply(prep.q, prep.k, prep.v, prep.s, prep.g, hk0, hv0, prep)

@@ -38,7 +38,8 @@ class Prepared:
     DT: object  # tl dtype of tensor-core operands
     PREC: str  # tl.dot input precision
     snap_dtype: torch.dtype  # dtype of per-chunk state snapshots (and their gradients)
-    act_dtype: torch.dtype  # dtype of the slot probabilities and logit gradients kept for backward
+    act_dtype: torch.dtype  # dtype of the logit gradients dY kept between backward kernels
+    prob_dtype: torch.dtype  # dtype of the slot probabilities p kept between backward kernels
 
 
 def block(n: int) -> int:
@@ -80,6 +81,7 @@ def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepa
         DT=tl.float32 if fp32 else tl.bfloat16, PREC="ieee" if fp32 else "tf32",
         snap_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
         act_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
+        prob_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
     )
 
 
