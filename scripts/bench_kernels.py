@@ -436,22 +436,16 @@ def tables(gpu, versions):
 # Kernel configurations the sweep times against the default (chunk_triton.CONFIG): name, changes,
 # whether to time it at every T of the run (else at the first only). In order of interest: the
 # budget (--budget-s) drops the last ones first.
-PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64, "store": "fp32"}  # the kernels before the split
+PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64, "store": "fp32", "warps_finish": 8}  # the kernels before the split
 SWEEP = [
+    ("store_fp32", {"store": "fp32"}, True),
     ("store_states", {"store": "states"}, False),
     ("store_input", {"store": "input"}, False),
-    ("store_fp32", {"store": "fp32"}, False),
-    ("scan_nb8", {"scan_nb": 8}, False),
-    ("scan_nb32", {"scan_nb": 32}, False),
-    ("scan_be256", {"scan_be": 256}, False),
+    ("finish_w8", {"warps_finish": 8}, False),
     ("scan_be512", {"scan_be": 512}, False),
-    ("scan_be64", {"scan_be": 64}, False),
-    ("finish_w4", {"warps_finish": 4}, False),
-    ("state_stages3", {"stages_state": 3}, False),
-    ("prep_stages2", {"stages_prep": 2}, False),
-    ("fwd_w8_stages1", {"warps_fwd": 8, "stages_fwd": 1}, False),
-    ("stages2", {"stages_prep": 2, "stages_local": 2, "stages_split": 2, "store": "fp32"}, False),
-    ("previous", PREVIOUS, False),
+    ("stages2_fp32_finish_w8", {"stages_prep": 2, "stages_local": 2, "stages_split": 2, "store": "fp32",
+                                "warps_finish": 8}, False),
+    ("previous", PREVIOUS, True),
 ]
 
 

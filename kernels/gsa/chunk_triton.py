@@ -26,18 +26,23 @@ from .chunk_fwd_triton import forward_output
 from .chunk_state_triton import backward_states, backward_states_scan, forward_states, forward_states_scan
 from .common_triton import chunk_tables, prepare
 
-# Tunables (the benchmark may override them): chunk size, warps per kernel family, the dtype of
-# the intermediates kept between kernels (state snapshots, their gradients, slot probabilities
-# and logit gradients): "fp32", "input" (bf16 for 16-bit inputs: half the bytes, about twice
-# the rounding error in the gradients) or "states" (16-bit snapshots, which every consumer rounds to
-# the tensor-core dtype anyway, fp32 probabilities and logit gradients); the state algorithm ("scan" or "seq"), the input-gradient
-# kernels ("split" or "fused"), for "split" the key/value tile width and the warps of its kernels,
-# and "spec": compile each loop over query heads once per gate regime (factored / pairwise).
-# "stages_<kernel>" (state, fwd, prep, local, split) overrides "stages" for one kernel family.
-# Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
+# Tunables (the benchmark may override them): chunk size; warps per kernel family; "stages": software
+# pipelining stages, overridden per family by "stages_<kernel>" (state, fwd, prep, local, split);
+# "store", the dtype of the intermediates kept between kernels:
+#   "fp32"    everything fp32;
+#   "states"  state snapshots and their gradients in the input's 16-bit dtype (every consumer rounds
+#             them to the tensor-core dtype anyway), p and dY fp32;
+#   "probs"   as "states", and p in fp16 (p is in [0, 1]: 11 bits, no range risk);
+#   "input"   snapshots, p and dY in the input dtype (2% faster still, but dY in bf16 puts the dq error
+#             at 1.3e-2 on the CPU tests, over their 1e-2 bound: measurement only);
+#   "auto"    "probs" where the tensor cores take 16-bit operands (CUDA, 16-bit inputs), else "fp32";
+# the state algorithm ("scan" or "seq"), the input-gradient kernels ("split" or "fused"), for "split"
+# the key/value tile width and the warps of its kernels, and "spec": compile each loop over query
+# heads once per gate regime (factored / pairwise). Defaults measured fastest on the H200
+# (docs/benchmarks.md); chunk 32 was slower.
 STORES = ("fp32", "states", "probs", "input")
 CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "auto",
-          "state": "scan", "bwd": "split", "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 8,
+          "state": "scan", "bwd": "split", "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 4,
           "spec": True, "stages_prep": 3, "stages_local": 3, "stages_split": 3}
 
 

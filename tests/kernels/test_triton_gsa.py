@@ -137,10 +137,9 @@ CONFIGS = {
     "split": {"state": "scan", "bwd": "split", "spec": True},
     # the same with tiles narrower than K and V (partial sums over several tiles), one head loop
     "tile16_nospec": {"state": "scan", "bwd": "split", "tile": 16, "spec": False},
-    # 16-bit state snapshots and state gradients (written by the scans), fp32 p and dY
-    "store_states": {"state": "scan", "bwd": "split", "store": "states"},
-    # every intermediate kept between kernels in the input dtype
-    "store_input": {"state": "scan", "bwd": "split", "store": "input"},
+    # the GPU default for 16-bit inputs: state snapshots and their gradients in the input dtype
+    # (written by the scans), p in fp16, dY fp32 (on CPU "auto" keeps everything fp32)
+    "store_probs": {"state": "scan", "bwd": "split", "store": "probs"},
 }
 
 
