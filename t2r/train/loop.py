@@ -140,14 +140,21 @@ class Run:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        self.model = acc.prepare(model)
+        # One optimizer for the whole run, prepared together with the model (FSDP2 needs both at
+        # once). A stage's frozen parameters get no gradient, so AdamW leaves them alone, and each
+        # stage starts from fresh moments (_run_stages): the same updates as one optimizer per stage.
+        o = cfg.optimizer
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.stages[0].lr,
+                                      betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
         if acc.log_with:
             acc.init_trackers("t2r", config={"output_dir": str(self.out), "total_steps": cfg.total_steps})
 
-    def _save_folder(self, model, folder: Path) -> None:
+    def _save_folder(self, model, folder: Path, state_dict=None) -> None:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
+        _plain_architectures(tmp / "config.json")
         self.tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -163,7 +170,7 @@ class Run:
             batches.append({k: v.to(acc.device) for k, v in collate(rows[start:start + micro], self.pad_id).items()})
         return batches
 
-    def train_step(self, stage, optimizer, params) -> dict:
+    def train_step(self, stage, optimizer) -> dict:
         acc = self.accelerator
         batches = self._my_batches()
         counts = torch.stack([count_targets(b, stage) for b in batches]).sum().float()
@@ -185,7 +192,9 @@ class Run:
         for group in optimizer.param_groups:
             group["lr"] = lr
         if self.config.optimizer.grad_clip:
-            stats["grad_norm"] = float(acc.clip_grad_norm_(params, self.config.optimizer.grad_clip))
+            # all parameters: the frozen ones have no gradient, and FSDP clips only over the whole model
+            norm = acc.clip_grad_norm_(list(self.model.parameters()), self.config.optimizer.grad_clip)
+            stats["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not math.isfinite(stats["grad_norm"]):
                 raise RunStopped(self._nonfinite_message(stats["grad_norm"], "gradient norm"), exit_code=3)
         optimizer.step()
@@ -220,19 +229,30 @@ class Run:
         self._main_log(f"held-out perplexity {key}: {ppl:.3f} ({tokens:,} tokens)")
         self.accelerator.log({f"eval/{key}": ppl}, step=self.state.step)
 
-    def _exportable(self, folder: Path) -> None:
+    def _full_state_dict(self):
+        """Under FSDP, the whole model's state dict, gathered on the main process (every process
+        must call this); otherwise None (each process holds the whole model)."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return None
+        return self.accelerator.get_state_dict(self.model)
+
+    def _exportable(self, folder: Path, full=None) -> None:
         """Make a checkpoint exportable (t2r export): the LoRA adapter (small; its base is OUTPUT/base),
-        or, without LoRA, a model folder whose weights are a hard link to the checkpoint's own."""
+        or, without LoRA, a model folder whose weights are a hard link to the checkpoint's own (under
+        FSDP, whose checkpoint is sharded, a copy of the gathered weights)."""
         model = self.accelerator.unwrap_model(self.model)
         if self.lora is not None:
             model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
-            model.save_pretrained(folder / "adapter")
+            model.save_pretrained(folder / "adapter", state_dict=full)
+            return
+        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        if full is not None:
+            self._save_folder(model, folder / "model", state_dict=full)
             return
         weights = folder / "accelerate" / "model.safetensors"
-        if not weights.is_file():  # sharded (FSDP) training state: export the finished run instead
-            return
         (folder / "model").mkdir()
-        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(folder / "model")
         model.generation_config.save_pretrained(folder / "model")
         self.tokenizer.save_pretrained(folder / "model")
@@ -240,8 +260,9 @@ class Run:
 
     def _checkpoint(self) -> None:
         try:
+            full = self._full_state_dict()
             path = save_checkpoint(self.accelerator, self.out, self.state, self.config.checkpoint.keep_last,
-                                   extra=self._exportable)
+                                   extra=lambda folder: self._exportable(folder, full))
             self._main_log(f"checkpoint {path.name} saved")
         except OSError as e:
             latest = latest_checkpoint(self.out)
@@ -308,20 +329,16 @@ class Run:
         cfg, acc = self.config, self.accelerator
         while self.state.stage < len(cfg.stages):
             stage = cfg.stages[self.state.stage]
-            names = set(set_trainable(acc.unwrap_model(self.model), stage))
-            params = [p for n, p in acc.unwrap_model(self.model).named_parameters() if n in names]
-            o = cfg.optimizer
-            optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-            acc._optimizers.clear()  # one optimizer at a time: the checkpoint holds this stage's
-            optimizer = acc.prepare(optimizer)
+            set_trainable(acc.unwrap_model(self.model), stage)
             if self.resumed_from is not None:
                 acc.load_state(str(self.resumed_from / "accelerate"))
                 self.resumed_from = None
             else:
                 self.state.stage_start_tokens = self.state.tokens_seen
+                self.optimizer.optimizer.state.clear()  # fresh moments for this stage
             while self.state.stage_step < stage.steps:
                 started, tokens_before = time.time(), self.state.tokens_seen
-                stats = self.train_step(stage, optimizer, params)
+                stats = self.train_step(stage, self.optimizer)
                 bar.update(1)
                 self._log_metrics(stats, stage, self.state.tokens_seen - tokens_before, time.time() - started, bar)
                 if self.state.step % cfg.eval.every_steps == 0 and self.state.stage_step < stage.steps:
@@ -350,18 +367,23 @@ class Run:
         """Write OUTPUT/model (merged), OUTPUT/adapter (with LoRA) and OUTPUT/run_summary.json."""
         acc, cfg = self.accelerator, self.config
         acc.wait_for_everyone()
+        full = self._full_state_dict()
         if not acc.is_main_process:
             return
         model = acc.unwrap_model(self.model)
+        base_dtype = model.get_input_embeddings().weight.dtype
         if self.lora is not None:
             model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
-            model.save_pretrained(self.out / "adapter")
-            model = model.merge_and_unload()
-        base_dtype = model.get_input_embeddings().weight.dtype
-        for name, p in model.named_parameters():  # back to the weights' dtype (the output norms stay fp32)
-            if ".g_norm." not in name and p.dtype != base_dtype:
-                p.data = p.data.to(base_dtype)
-        self._save_folder(model, self.out / "model")
+            model.save_pretrained(self.out / "adapter", state_dict=full)
+            model = model.merge_and_unload() if full is None else _merged_from_folders(self.out)
+        if full is not None and self.lora is None:  # FSDP: write the gathered weights
+            full = {k: v if ".g_norm." in k else v.to(base_dtype) for k, v in full.items()}
+            self._save_folder(model, self.out / "model", state_dict=full)
+        else:
+            for name, p in model.named_parameters():  # back to the weights' dtype (the output norms stay fp32)
+                if ".g_norm." not in name and p.dtype != base_dtype:
+                    p.data = p.data.to(base_dtype)
+            self._save_folder(model, self.out / "model")
         c = model.config
         summary = {
             "base_model": cfg.model.source, "base_model_type": c.base_model_type,
@@ -378,6 +400,27 @@ class Run:
         }
         (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
         self.log(f"done: {self.out / 'model'} ({self.state.tokens_seen:,} tokens seen)")
+
+
+def _plain_architectures(config_file: Path) -> None:
+    """FSDP2 swaps the model's class for an "FSDP<name>" subclass, which save_pretrained records."""
+    if not config_file.is_file():
+        return
+    data = json.loads(config_file.read_text())
+    names = data.get("architectures") or []
+    if any(n.startswith("FSDP") for n in names):
+        data["architectures"] = [n.removeprefix("FSDP") for n in names]
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _merged_from_folders(out: Path):
+    """OUTPUT/base with OUTPUT/adapter merged in, loaded on the CPU (the FSDP-sharded model cannot
+    merge in place)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base", use_safetensors=True)
+    return PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
 
 
 def _median(values: list[float]) -> float | None:
