@@ -20,7 +20,7 @@ import torch
 
 from ..hub import ALIAS_LICENSES, T2RError
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
-from .config import RunConfig, dump_config
+from .config import AttentionTransferStage, RunConfig, dump_config
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
 from .stages import add_lora, count_targets, load_model, run_lora_config, set_trainable, stage_loss_sum
 
@@ -177,7 +177,11 @@ class Run:
         global_tokens = acc.reduce(counts, reduction="sum")
         scale = acc.num_processes / global_tokens.clamp_min(1)
         totals: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
+        unsharded = self._unsharded_through_backward() if isinstance(stage, AttentionTransferStage) \
+            else contextlib.nullcontext()
+        with unsharded:
+            self._accumulate(batches, stage, scale, totals)
+        stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
             sync = i == len(batches) - 1
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
@@ -185,7 +189,6 @@ class Run:
                 acc.backward(loss_sum * scale)
             for k, v in {"loss": loss_sum.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0) + v.float()
-        stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
         if not math.isfinite(stats["loss"]):
             raise RunStopped(self._nonfinite_message(stats["loss"]), exit_code=3)
         lr = learning_rate(stage, self.state.stage_step)
@@ -208,6 +211,36 @@ class Run:
         self.state.tokens_seen += int(input_tokens.item())
         stats["lr"] = lr
         return stats
+
+    def _accumulate(self, batches, stage, scale, totals) -> None:
+        """Forward and backward of each micro-batch, gradients synchronised on the last one."""
+        acc = self.accelerator
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                loss_sum, parts = stage_loss_sum(self.model, batch, stage)
+                acc.backward(loss_sum * scale)
+            for k, v in {"loss": loss_sum.detach(), **parts}.items():
+                totals[k] = totals.get(k, 0) + v.float()
+
+    @contextlib.contextmanager
+    def _unsharded_through_backward(self):
+        """FSDP2 reshards a layer after its forward and gathers it again from a hook on the layer's
+        outputs in backward. In attention transfer no layer output carries a gradient (each layer
+        passes the teacher's hidden states on; the loss hangs off side outputs), so that hook never
+        fires: keep the layers gathered until FSDP's end-of-backward callback reduces their
+        gradients and reshards them. No effect without FSDP2."""
+        mods = [m for m in self.model.modules() if hasattr(m, "set_reshard_after_forward")]
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        restore = bool(getattr(plugin, "reshard_after_forward", True))
+        for m in mods:
+            m.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.set_reshard_after_forward(restore)
 
     def _nonfinite_message(self, value, what: str = "loss") -> str:
         latest = latest_checkpoint(self.out)
