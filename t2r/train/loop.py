@@ -182,13 +182,6 @@ class Run:
         with unsharded:
             self._accumulate(batches, stage, scale, totals)
         stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
-            sync = i == len(batches) - 1
-            ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
-            with ctx, acc.autocast():
-                loss_sum, parts = stage_loss_sum(self.model, batch, stage)
-                acc.backward(loss_sum * scale)
-            for k, v in {"loss": loss_sum.detach(), **parts}.items():
-                totals[k] = totals.get(k, 0) + v.float()
         if not math.isfinite(stats["loss"]):
             raise RunStopped(self._nonfinite_message(stats["loss"]), exit_code=3)
         lr = learning_rate(stage, self.state.stage_step)
