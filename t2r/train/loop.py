@@ -22,7 +22,8 @@ from ..hub import ALIAS_LICENSES, T2RError
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, RunConfig, dump_config
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
-from .stages import add_lora, count_targets, load_model, run_lora_config, set_trainable, stage_loss_sum
+from .stages import (add_lora, count_targets, load_model, run_lora_config, set_trainable, stage_loss_sum,
+                     stage_parameters)
 
 
 class RunStopped(T2RError):
@@ -133,9 +134,12 @@ class Run:
         # Whatever any stage trains is trainable when wrapped (DDP registers it) and kept in fp32
         # whatever the base dtype; each stage then freezes what it does not train.
         trained = set().union(*(set_trainable(model, stage) for stage in cfg.stages))
+        # FSDP gathers and reduces each layer's parameters as one group of one dtype: all fp32
+        # there (sharded master weights; accelerate's mixed precision computes in bf16).
+        sharded = self._fsdp()
         for name, p in model.named_parameters():
             p.requires_grad_(name in trained)
-            if name in trained and p.dtype in (torch.bfloat16, torch.float16):
+            if (name in trained or sharded) and p.dtype in (torch.bfloat16, torch.float16):
                 p.data = p.data.float()
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,6 +188,10 @@ class Run:
         stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
         if not math.isfinite(stats["loss"]):
             raise RunStopped(self._nonfinite_message(stats["loss"]), exit_code=3)
+        if self._fsdp():
+            for name, p in acc.unwrap_model(self.model).named_parameters():
+                if name not in self._stage_params:
+                    p.grad = None
         lr = learning_rate(stage, self.state.stage_step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -255,14 +263,23 @@ class Run:
         self._main_log(f"held-out perplexity {key}: {ppl:.3f} ({tokens:,} tokens)")
         self.accelerator.log({f"eval/{key}": ppl}, step=self.state.step)
 
-    def _full_state_dict(self):
-        """Under FSDP, the whole model's state dict, gathered on the main process (every process
-        must call this); otherwise None (each process holds the whole model)."""
+    def _fsdp(self) -> bool:
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type != DistributedType.FSDP:
-            return None
-        return self.accelerator.get_state_dict(self.model)
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _full_state_dict(self):
+        """Under FSDP, the whole model's state dict, gathered on the main process (every process
+        must call this); otherwise None."""
+        return self.accelerator.get_state_dict(self.model) if self._fsdp() else None
+
+    def _weights_torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_weights_dtype(self.config), torch.float32)
+
+    def _in_weights_dtype(self, full: dict) -> dict:
+        """A gathered (fp32) state dict back in the weights' dtype; the output norms stay fp32."""
+        dtype = self._weights_torch_dtype()
+        return {k: v if ".g_norm." in k or not v.is_floating_point() else v.to(dtype) for k, v in full.items()}
 
     def _exportable(self, folder: Path, full=None) -> None:
         """Make a checkpoint exportable (t2r export): the LoRA adapter (small; its base is OUTPUT/base),
@@ -275,7 +292,7 @@ class Run:
             return
         model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
         if full is not None:
-            self._save_folder(model, folder / "model", state_dict=full)
+            self._save_folder(model, folder / "model", state_dict=self._in_weights_dtype(full))
             return
         weights = folder / "accelerate" / "model.safetensors"
         (folder / "model").mkdir()
@@ -355,7 +372,13 @@ class Run:
         cfg, acc = self.config, self.accelerator
         while self.state.stage < len(cfg.stages):
             stage = cfg.stages[self.state.stage]
-            set_trainable(acc.unwrap_model(self.model), stage)
+            if self._fsdp():
+                # FSDP fixes which parameters take gradients when it first gathers them: every
+                # parameter some stage trains keeps requires_grad, and train_step drops the
+                # gradients of those this stage does not train
+                self._stage_params = set(stage_parameters(acc.unwrap_model(self.model), stage))
+            else:
+                set_trainable(acc.unwrap_model(self.model), stage)
             if self.resumed_from is not None:
                 acc.load_state(str(self.resumed_from / "accelerate"))
                 self.resumed_from = None
@@ -397,14 +420,14 @@ class Run:
         if not acc.is_main_process:
             return
         model = acc.unwrap_model(self.model)
-        base_dtype = model.get_input_embeddings().weight.dtype
+        # under FSDP every parameter is fp32 while training: back to the weights' own dtype
+        base_dtype = model.get_input_embeddings().weight.dtype if full is None else self._weights_torch_dtype()
         if self.lora is not None:
             model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
             model.save_pretrained(self.out / "adapter", state_dict=full)
             model = model.merge_and_unload() if full is None else _merged_from_folders(self.out)
-        if full is not None and self.lora is None:  # FSDP: write the gathered weights
-            full = {k: v if ".g_norm." in k else v.to(base_dtype) for k, v in full.items()}
-            self._save_folder(model, self.out / "model", state_dict=full)
+        if full is not None and self.lora is None:  # FSDP: the gathered weights
+            self._save_folder(model, self.out / "model", state_dict=self._in_weights_dtype(full))
         else:
             for name, p in model.named_parameters():  # back to the weights' dtype (the output norms stay fp32)
                 if ".g_norm." not in name and p.dtype != base_dtype:

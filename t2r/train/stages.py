@@ -65,24 +65,31 @@ def _is_gsa_param(name: str) -> bool:
     return any(f".{m}." in name for m in GSA_MODULES) and ".original_module." not in name
 
 
-def set_trainable(model, stage) -> list[str]:
-    """Mark this stage's parameters trainable (everything else frozen); return their names."""
+def stage_parameters(model, stage) -> list[str]:
+    """Names of the parameters this stage trains."""
     lora = isinstance(stage, FinetuneStage) and stage.lora is not None
     names = []
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         if isinstance(stage, AttentionTransferStage):
             train = _is_gsa_param(name)
         elif lora:
             train = _is_gsa_param(name) or "lora_" in name
         else:
             train = ".original_module." not in name
-        p.requires_grad_(train)
         if train:
             names.append(name)
     if not names:
         raise T2RError(f"stage {stage.name} has nothing to train: the model has no GSA layers "
                        "(model.conversion.softmax_layers keeps every layer softmax)")
     return names
+
+
+def set_trainable(model, stage) -> list[str]:
+    """Mark this stage's parameters trainable (everything else frozen); return their names."""
+    names = set(stage_parameters(model, stage))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    return sorted(names)
 
 
 def count_targets(batch: dict, stage) -> torch.Tensor:
