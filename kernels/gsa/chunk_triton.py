@@ -9,7 +9,7 @@ Kernels per call (chunk size C; the defaults CONFIG["state"] = "scan", CONFIG["b
               scan (chunk_state_triton)
               dq, dk per key tile | dv per value tile; then ds, dg (chunk_bwd_triton)
 
-or, as before 2026-11-28 (CONFIG["state"] = "seq", CONFIG["bwd"] = "fused", 1.6-2.3x slower for
+or, as before 2026-11-28 (CONFIG["state"] = "seq", CONFIG["bwd"] = "fused", 1.85-2.7x slower for
 forward+backward on the H200: docs/benchmarks.md), one program walks all chunks of a sequence for
 each state, and two kernels give all input gradients at full key/value width.
 
