@@ -6,8 +6,8 @@ kernel is reported, not timed). Times are medians of triton.testing.do_bench (CU
 
     python scripts/bench_kernels.py [--out DIR] [--sweep] [--skip-fla] [--breakdown] [--no-decode] [--ts 2048,4096]
 
---breakdown profiles one forward+backward per kernel (torch.profiler) for the default and the
-previous kernel configuration, against each kernel's FLOP and byte floors; --sweep times the SWEEP
+--breakdown profiles one forward+backward per kernel (torch.profiler) for the configurations in
+--breakdown-configs, against each kernel's FLOP and byte floors; --sweep times the SWEEP
 configurations (the first at every T). Prints markdown tables (the last one is the summary that
 docs/benchmarks.md carries) and writes the raw numbers to DIR/bench.json after each stage.
 """
@@ -230,36 +230,34 @@ def fla_row(T, row):
 
 # ------------------------------------------------------------------------------ per-kernel times
 
-def kernel_floors(B, T, C, NT):
+def kernel_floors(B, T, C, NT, store="fp32"):
     """Tensor-core FLOPs and the bytes each t2r kernel must move (inputs read once, outputs written
-    once) at B x T, by kernel name. Factored intra-chunk path; NT = key + value tiles of the split
-    input-gradient kernel."""
+    once) at B x T, by kernel name, for the intermediates' storage `store` (as on the GPU: "auto" is
+    "probs"). Factored intra-chunk path; NT = key + value tiles of the split input-gradient kernel."""
+    store = "probs" if store == "auto" else store
     tok = B * T
     nch = tok // C
     pc = nch * H  # (chunk, kv head) pairs
     n_snap = B * (T // C + 1)
     qb, kb, sb = tok * HQ * D * 2, tok * H * D * 2, tok * H * M * 2  # bf16 [., HQ, D], [., H, D], [., H, M]
-    snapb = n_snap * H * 2 * D * M * 4  # both states, fp32
-    actb = tok * HQ * M * 4  # slot probabilities or logit gradients, fp32
+    ub = n_snap * H * 2 * D * M * 4  # both states' chunk contributions, fp32 (scan input)
+    snapb = ub // (1 if store == "fp32" else 2)  # the states (or their gradients) as stored
+    pb = tok * HQ * M * (2 if store in ("probs", "input") else 4)  # slot probabilities
+    dyb = tok * HQ * M * (2 if store == "input" else 4)  # logit gradients
+    actb = (pb + dyb) / 2  # one of p or dY (the kernels below read one of each)
     rb = tok * H * M * 4  # one fp32 [., H, M] plane
     f = {  # name: (FLOPs, bytes)
-        "_local_fwd_kernel": (pc * 2 * C * 2 * D * M, 2 * kb + 2 * sb + snapb),
-        "_scan_fwd_kernel": (0, 2 * snapb),
-        "_fwd_state_kernel": (pc * 2 * C * 2 * D * M, 2 * kb + 2 * sb + snapb),
+        "_local_fwd_kernel": (pc * 2 * C * 2 * D * M, 2 * kb + 2 * sb + ub),
+        "_scan_fwd_kernel": (0, ub + snapb),
         "_fwd_o_kernel": (pc * G * 2 * C * (2 * C * D + 2 * D * M + 2 * C * M), 2 * qb + 2 * kb + 2 * sb + snapb),
         "_bwd_prep_kernel": (pc * G * 2 * C * (2 * C * D + 2 * D * M + 2 * C * M),
                              2 * qb + 2 * kb + 2 * sb + snapb + 2 * actb + rb),
         "_local_bwd_kernel": (pc * G * 2 * C * (2 * D * M + 2 * C * D + 2 * C * M),
-                              2 * qb + 2 * actb + 2 * kb + sb + snapb + 4 * rb),
-        "_scan_bwd_kernel": (0, 2 * snapb),
-        "_bwd_state_kernel": (pc * G * 2 * C * 2 * D * M, 2 * qb + 2 * actb + sb + snapb),
+                              2 * qb + 2 * actb + 2 * kb + sb + ub + 4 * rb),
+        "_scan_bwd_kernel": (0, ub + snapb),
         "_bwd_dqkv_kernel": (pc * (G * 2 * C * (2 * C * M + D * M + 3 * C * D) + 4 * 2 * C * D * M),
                              3 * qb + 2 * actb + 4 * kb + 2 * sb + 2 * snapb + NT * rb),
         "_bwd_finish_kernel": (0, 4 * sb + (5 + NT) * rb),
-        "_bwd_qk_kernel": (pc * (G * 2 * C * (3 * C * D + 2 * C * M + D * M) + 2 * 2 * C * D * M),
-                           2 * qb + 2 * kb + 2 * sb + snapb + actb + 3 * rb),
-        "_bwd_vg_kernel": (pc * (G * 2 * C * (2 * C * D + 2 * C * M) + 2 * 2 * C * D * M),
-                           qb + 2 * kb + 4 * sb + snapb + actb + 2 * rb),
     }
     return f
 
@@ -297,7 +295,7 @@ def profile_step(T, steps=5):
             times[name] = times.get(name, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
     C = ct.CONFIG["chunk"]
     tile = min(ct.CONFIG.get("tile", 64), D)
-    floors = kernel_floors(B, T, C, 2 * (D // tile))
+    floors = kernel_floors(B, T, C, 2 * (D // tile), ct.CONFIG["store"])
     out = {}
     for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
         fl, by = floors.get(name, (None, None))
@@ -310,8 +308,6 @@ def profile_step(T, steps=5):
 # -------------------------------------------------------------------------------------- decoding
 
 def decode_rows(skip_fla):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from t2r.kernels.gsa import fused_recurrent_gsa, naive_recurrent_gsa
     from triton.testing import do_bench_cudagraph
 
@@ -440,7 +436,6 @@ def tables(gpu, versions):
 # Kernel configurations the sweep times against the default (chunk_triton.CONFIG): name, changes,
 # whether to time it at every T of the run (else at the first only). In order of interest: the
 # budget (--budget-s) drops the last ones first.
-PREVIOUS = {"state": "seq", "bwd": "fused", "spec": False, "chunk": 64, "store": "fp32", "warps_finish": 8}  # the kernels before the split
 SWEEP = [
     ("store_fp32", {"store": "fp32"}, True),
     ("store_states", {"store": "states"}, False),
@@ -449,7 +444,6 @@ SWEEP = [
     ("scan_be512", {"scan_be": 512}, False),
     ("stages2_fp32_finish_w8", {"stages_prep": 2, "stages_local": 2, "stages_split": 2, "store": "fp32",
                                 "warps_finish": 8}, False),
-    ("previous", PREVIOUS, True),
 ]
 
 
@@ -486,9 +480,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP kernel configurations")
     ap.add_argument("--breakdown", action="store_true",
-                    help="per-kernel times (torch.profiler) at the first T, default and 'previous' configurations")
-    ap.add_argument("--breakdown-configs", default="default,previous",
-                    help="comma-separated configurations to profile: default, previous or SWEEP names")
+                    help="per-kernel times (torch.profiler) at the first T for --breakdown-configs")
+    ap.add_argument("--breakdown-configs", default="default",
+                    help="comma-separated configurations to profile: default or SWEEP names")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip the remaining sweep configurations after this many seconds")
     ap.add_argument("--no-decode", action="store_true")
@@ -503,7 +497,7 @@ def main():
         os.environ["TRITON_INTERPRET"] = "1"
         HQ, H, D, M, G, TOKENS, TS, DEV = 8, 2, 16, 16, 4, 256, [128, 256], "cpu"
     ts = [int(t) for t in args.ts.split(",")] if args.ts else TS
-    known = {"default", "previous", *(n for n, _, _ in SWEEP)}
+    known = {"default", *(n for n, _, _ in SWEEP)}
     unknown = set(args.breakdown_configs.split(",")) - known
     if unknown:
         ap.error(f"--breakdown-configs: unknown {sorted(unknown)}; choose from {sorted(known)}")
@@ -540,7 +534,7 @@ def main():
     save(args.out)
     if args.breakdown and DEV == "cuda":
         base = dict(chunk_triton.CONFIG)
-        named = {"default": {}, "previous": PREVIOUS, **{n: c for n, c, _ in SWEEP}}
+        named = {"default": {}, **{n: c for n, c, _ in SWEEP}}
         for name in args.breakdown_configs.split(","):
             change = named[name]
             use_config(change)

@@ -39,7 +39,6 @@ def _fwd_o_kernel(q, k, v, s, g, snap_k, snap_v, o, chunks, scale, H: tl.constex
     tok0 = tl.load(chunks + c * 3).to(tl.int64)
     length = tl.load(chunks + c * 3 + 1)
     sidx = tl.load(chunks + c * 3 + 2).to(tl.int64)
-    HQ: tl.constexpr = H * G
     o_t = tl.arange(0, C)
     o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
     m_t, m_k, m_v, m_m = o_t < length, o_k < K, o_v < V, o_m < M

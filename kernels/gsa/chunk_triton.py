@@ -1,6 +1,6 @@
 """Chunked GSA on Triton: training and prefill, forward and backward in one autograd.Function.
 
-Kernels per call (chunk size C; the defaults CONFIG["state"] = "scan", CONFIG["bwd"] = "split"):
+Kernels per call (chunk size C):
 
     forward   chunk-parallel state contributions, then a scan over chunks (chunk_state_triton)
               fused pass 1 + softmax + pass 2 (chunk_fwd_triton)
@@ -9,9 +9,9 @@ Kernels per call (chunk size C; the defaults CONFIG["state"] = "scan", CONFIG["b
               scan (chunk_state_triton)
               dq, dk per key tile | dv per value tile; then ds, dg (chunk_bwd_triton)
 
-or, as before 2026-11-28 (CONFIG["state"] = "seq", CONFIG["bwd"] = "fused", 1.85-2.7x slower for
-forward+backward on the H200: docs/benchmarks.md), one program walks all chunks of a sequence for
-each state, and two kernels give all input gradients at full key/value width.
+The first version (before 2026-11-28, removed; 1.85-2.7x slower for forward+backward on the H200,
+docs/benchmarks.md) walked all chunks of a sequence in one program per state and gave all input
+gradients from two kernels at full key/value width.
 
 GQA is native: states live per kv head ([N, H, K, M] and [N, H, M, V]) and every kernel loops
 over the G query heads of its group. Varlen batches (cu_seqlens) are handled by per-chunk tables.
@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .chunk_bwd_triton import backward_inputs, backward_inputs_split, backward_prep
+from .chunk_bwd_triton import backward_inputs_split, backward_prep
 from .chunk_fwd_triton import forward_output
-from .chunk_state_triton import backward_states, backward_states_scan, forward_states, forward_states_scan
+from .chunk_state_triton import backward_states_scan, forward_states_scan
 from .common_triton import chunk_tables, prepare
 
 # Tunables (the benchmark may override them): chunk size; warps per kernel family; "stages": software
@@ -36,13 +36,12 @@ from .common_triton import chunk_tables, prepare
 #   "input"   snapshots, p and dY in the input dtype (2% faster still, but dY in bf16 puts the dq error
 #             at 1.3e-2 on the CPU tests, over their 1e-2 bound: measurement only);
 #   "auto"    "probs" where the tensor cores take 16-bit operands (CUDA, 16-bit inputs), else "fp32";
-# the state algorithm ("scan" or "seq"), the input-gradient kernels ("split" or "fused"), for "split"
-# the key/value tile width and the warps of its kernels, and "spec": compile each loop over query
-# heads once per gate regime (factored / pairwise). Defaults measured fastest on the H200
+# "tile": the key/value tile width of the input-gradient kernels; "spec": compile each loop over
+# query heads once per gate regime (factored / pairwise). Defaults measured fastest on the H200
 # (docs/benchmarks.md); chunk 32 was slower.
 STORES = ("fp32", "states", "probs", "input")
 CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "auto",
-          "state": "scan", "bwd": "split", "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 4,
+          "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 4,
           "spec": True, "stages_prep": 3, "stages_local": 3, "stages_split": 3}
 
 
@@ -52,15 +51,11 @@ def _stages(cfg, kernel):
 
 
 def run_forward(p, C, cfg=None):
-    """Forward kernels: (o, snapshots k/v, final states k/v, tables, decays or None)."""
+    """Forward kernels: (o, snapshots k/v, final states k/v, tables, per-chunk decays)."""
     cfg = cfg or CONFIG
     seq, chunks, bslot, n_snap, n_chunks = chunk_tables(p, C)
-    if cfg["state"] == "scan":
-        snap_k, snap_v, ht_k, ht_v, dec = forward_states_scan(p, seq, chunks, n_snap, n_chunks, C,
-                                                              cfg["warps_state"], _stages(cfg, "state"))
-    else:
-        snap_k, snap_v, ht_k, ht_v = forward_states(p, seq, n_snap, C, cfg["warps_state"], cfg["stages"])
-        dec = None
+    snap_k, snap_v, ht_k, ht_v, dec = forward_states_scan(p, seq, chunks, n_snap, n_chunks, C, cfg["warps_state"],
+                                                          _stages(cfg, "state"))
     o = forward_output(p, snap_k, snap_v, chunks, n_chunks, C, cfg["warps_fwd"], _stages(cfg, "fwd"), cfg["spec"])
     return o, snap_k, snap_v, ht_k, ht_v, (seq, chunks, bslot, n_snap, n_chunks), dec
 
@@ -69,25 +64,14 @@ def run_backward(p, C, do, snap_k, snap_v, dht_k, dht_v, tables, dec, cfg=None):
     """Backward kernels: dq, dk, dv, ds, dg, dh0_k, dh0_v."""
     cfg = cfg or CONFIG
     seq, chunks, bslot, n_snap, n_chunks = tables
-    w, st = cfg["warps_bwd"], cfg["stages"]
-    split = cfg["bwd"] == "split"
-    if split and dec is None:
-        raise ValueError("CONFIG: bwd='split' needs state='scan'")
-    prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, w, _stages(cfg, "prep"), cfg["spec"])
-    if dec is not None:
-        out = backward_states_scan(p, p.q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, dec, n_snap, n_chunks, C,
-                                   cfg["warps_local"] if split else cfg["warps_state"], _stages(cfg, "local"), ds=split,
-                                   spec=split and cfg["spec"])
-        ds_k, ds_v, dh0_k, dh0_v = out[:4]
-    else:
-        ds_k, ds_v, dh0_k, dh0_v = backward_states(p, p.q, do, dy, prob, dht_k, dht_v, seq, n_snap, C,
-                                                   cfg["warps_state"], st)
-    if split:
-        grads = backward_inputs_split(p, do, prob, dy, r, out[4], snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C,
-                                      cfg["tile"], cfg["warps_split"], _stages(cfg, "split"), cfg["warps_finish"],
-                                      cfg["spec"])
-    else:
-        grads = backward_inputs(p, do, prob, dy, r, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C, w, st)
+    prob, dy, r = backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, cfg["warps_bwd"], _stages(cfg, "prep"),
+                                cfg["spec"])
+    ds_k, ds_v, dh0_k, dh0_v, dsx = backward_states_scan(
+        p, p.q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, dec, n_snap, n_chunks, C, cfg["warps_local"],
+        _stages(cfg, "local"), ds=True, spec=cfg["spec"])
+    grads = backward_inputs_split(p, do, prob, dy, r, dsx, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C,
+                                  cfg["tile"], cfg["warps_split"], _stages(cfg, "split"), cfg["warps_finish"],
+                                  cfg["spec"])
     return (*grads, dh0_k, dh0_v)
 
 
@@ -97,14 +81,14 @@ class ChunkGSAFunction(torch.autograd.Function):
         C = CONFIG["chunk"]
         cfg = dict(CONFIG)
         o, snap_k, snap_v, ht_k, ht_v, tables, dec = run_forward(prep, C, cfg)
-        ctx.save_for_backward(snap_k, snap_v, *tables[:3], *([dec] if dec is not None else []))
+        ctx.save_for_backward(snap_k, snap_v, *tables[:3], dec)
         ctx.prep, ctx.n_snap, ctx.n_chunks, ctx.C, ctx.cfg = prep, tables[3], tables[4], C, cfg
         ctx.has_h0 = hk0 is not None
         return o, ht_k, ht_v
 
     @staticmethod
     def backward(ctx, do, dht_k, dht_v):
-        snap_k, snap_v, seq, chunks, bslot, *dec = ctx.saved_tensors
+        snap_k, snap_v, seq, chunks, bslot, dec = ctx.saved_tensors
         p = ctx.prep
         do = do.contiguous()
         d = p.dims
@@ -114,7 +98,7 @@ class ChunkGSAFunction(torch.autograd.Function):
             dht_k, dht_v = dht_k.float().contiguous(), dht_v.float().contiguous()
         tables = (seq, chunks, bslot, ctx.n_snap, ctx.n_chunks)
         dq, dk, dv, ds, dg, dh0_k, dh0_v = run_backward(p, ctx.C, do, snap_k, snap_v, dht_k, dht_v, tables,
-                                                        dec[0] if dec else None, ctx.cfg)
+                                                        dec, ctx.cfg)
         if not ctx.has_h0:
             dh0_k = dh0_v = None
         return dq, dk, dv, ds, dg, dh0_k, dh0_v, None

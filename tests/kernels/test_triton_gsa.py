@@ -130,16 +130,11 @@ def test_chunk_fp16_inputs():
 # ------------------------------------------------------------- other kernel configurations
 
 CONFIGS = {
-    # sequential state walks, two fused input-gradient kernels
-    "previous": {"state": "seq", "bwd": "fused", "spec": False},
-    # chunk-parallel states and scans, input gradients split over key/value tiles, one copy of each
-    # head loop per gate regime
-    "split": {"state": "scan", "bwd": "split", "spec": True},
-    # the same with tiles narrower than K and V (partial sums over several tiles), one head loop
-    "tile16_nospec": {"state": "scan", "bwd": "split", "tile": 16, "spec": False},
+    # tiles narrower than K and V (partial sums over several tiles), one head loop for both gate regimes
+    "tile16_nospec": {"tile": 16, "spec": False},
     # the GPU default for 16-bit inputs: state snapshots and their gradients in the input dtype
     # (written by the scans), p in fp16, dY fp32 (on CPU "auto" keeps everything fp32)
-    "store_probs": {"state": "scan", "bwd": "split", "store": "probs"},
+    "store_probs": {"store": "probs"},
 }
 
 
@@ -175,10 +170,8 @@ def test_chunk_state_scan_in_blocks(monkeypatch):
     """The state scans take several chunks per step through an associative scan on the GPU; on CPU
     one chunk per step unless told otherwise. Several chunks per step here, with partial blocks,
     varlen sequences (empty, one token, several chunks) and a state and its gradient carried in."""
-    from t2r.kernels.gsa import chunk_state_triton, chunk_triton
+    from t2r.kernels.gsa import chunk_state_triton
 
-    monkeypatch.setitem(chunk_triton.CONFIG, "state", "scan")
-    monkeypatch.setitem(chunk_triton.CONFIG, "bwd", "split")
     monkeypatch.setattr(chunk_state_triton, "SCAN_NB_CPU", 2)
     monkeypatch.setattr(chunk_state_triton, "SCAN_BE_CPU", 128)
     cu = torch.tensor([0, 1, 1, 40, 57, 250, 251], device=DEVICE)
