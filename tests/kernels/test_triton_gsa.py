@@ -163,7 +163,14 @@ def test_chunk_kernel_configs(kernel_config, case):
         *inputs, h0 = make_inputs(2, 200, 4, 2, K=40, V=24, M=16, dtype=dtype, initial_state=True, seed=11,
                                   device=DEVICE)
     out = run_with_grads(triton_chunk, inputs, h0, poison=True)
-    assert_close(out, reference(inputs, h0), TOL[dtype])
+    tol = TOL[dtype]
+    if kernel_config == "store_probs" and dtype == torch.bfloat16:
+        # The interpreter multiplies fp32 operands, so here 16-bit storage is the only rounding and
+        # dq's error roughly triples (3.6e-3 -> 9.8e-3). On the GPU, whose tensor cores take these
+        # tiles in bf16 anyway, the same storage left the worst gradient error at 6.0e-3
+        # (docs/benchmarks.md, run 4 and its store="fp32" row).
+        tol = 1.5e-2
+    assert_close(out, reference(inputs, h0), tol)
 
 
 def test_chunk_state_scan_in_blocks(monkeypatch):
