@@ -217,3 +217,33 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# What a resumed run must share with the run that wrote its checkpoint: the model and what each
+# stage trains (the checkpoint's weights and optimizer state have their shapes), and the data and
+# batch layout (the data position counts rows of this packing and batch size). Step counts,
+# learning rates, evaluation and checkpoint settings may change.
+RESUME_FIXED = ("model", "data", "batch.micro_batch_size", "batch.grad_accum", "seed")
+RESUME_FIXED_PER_STAGE = ("name", "lora")
+
+
+def resume_mismatch(saved: dict, config: RunConfig) -> str | None:
+    """The first setting a resumed run changed that it must keep (a dotted key), or None."""
+    now = config.model_dump(mode="json")
+
+    def get(tree, dotted):
+        for key in dotted.split("."):
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        return tree
+
+    for key in RESUME_FIXED:
+        if get(saved, key) != get(now, key):
+            return key
+    if len(saved.get("stages", [])) != len(now["stages"]):
+        return "stages (their number)"
+    for i, (a, b) in enumerate(zip(saved["stages"], now["stages"])):
+        for key in RESUME_FIXED_PER_STAGE:
+            if a.get(key) != b.get(key):
+                return f"stages.{i}.{key}"
+    return None
+

@@ -17,10 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..hub import ALIAS_LICENSES, T2RError
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
-from .config import AttentionTransferStage, RunConfig, dump_config
+from .config import AttentionTransferStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
 from .stages import (add_lora, count_targets, load_model, run_lora_config, set_trainable, stage_loss_sum,
                      stage_parameters)
@@ -112,9 +113,16 @@ class Run:
 
     def setup(self) -> None:
         acc, cfg = self.accelerator, self.config
+        saved = self.out / "config.yaml"
+        if self.resumed_from is not None and saved.is_file():
+            changed = resume_mismatch(yaml.safe_load(saved.read_text()) or {}, cfg)
+            if changed:
+                raise T2RError(f"cannot resume {self.out}: {changed} differs from the run that wrote its checkpoints "
+                               f"({saved}); resume with those settings (step counts, learning rates, evaluation and "
+                               "checkpointing may change), or start again in a new --output-dir")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(cfg))
+            saved.write_text(dump_config(cfg))
         with acc.main_process_first():
             model, self.tokenizer = load_model(cfg.model, log=self._main_log)
             train_docs, eval_docs = load_documents(cfg.data)
@@ -380,7 +388,12 @@ class Run:
             else:
                 set_trainable(acc.unwrap_model(self.model), stage)
             if self.resumed_from is not None:
-                acc.load_state(str(self.resumed_from / "accelerate"))
+                try:
+                    acc.load_state(str(self.resumed_from / "accelerate"))
+                except (ValueError, KeyError) as e:  # e.g. an optimizer layout from another t2r version
+                    raise T2RError(f"cannot resume from {self.resumed_from}: its training state does not match "
+                                   f"this run ({e}); resume with the t2r version and config that wrote it, or "
+                                   "start again in a new --output-dir") from e
                 self.resumed_from = None
             else:
                 self.state.stage_start_tokens = self.state.tokens_seen

@@ -76,6 +76,19 @@ def test_resume_after_kill_9_continues_exactly(tmp_path):
     assert [m["loss"] for m in metrics(tmp_path / "killed")] == [m["loss"] for m in metrics(tmp_path / "whole")]
 
 
+def test_resume_refuses_a_changed_model_or_lora_and_keeps_the_run(tiny_run, tmp_path):
+    """--resume with a setting the checkpoints depend on changed (here the LoRA rank): a one-line
+    error naming the key, and the run's config and checkpoints untouched."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    before = (out / "config.yaml").read_text()
+    r = run(finetune_cmd(out, "stages.1.lora.rank=8") + ["--resume"])
+    assert r.returncode == 2 and "stages.1.lora differs" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "config.yaml").read_text() == before and latest_checkpoint(out).name == "step-0000009"
+
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     proc = start(finetune_cmd(out, *LONG, "checkpoint.every_steps=1000"), tmp_path / "log")
