@@ -145,6 +145,7 @@ class Run:
         # FSDP gathers and reduces each layer's parameters as one group of one dtype: all fp32
         # there (sharded master weights; accelerate's mixed precision computes in bf16).
         sharded = self._fsdp()
+        self.weights_dtype = model.get_input_embeddings().weight.dtype  # what OUTPUT/model is saved in
         for name, p in model.named_parameters():
             p.requires_grad_(name in trained)
             if (name in trained or sharded) and p.dtype in (torch.bfloat16, torch.float16):
@@ -281,13 +282,10 @@ class Run:
         must call this); otherwise None."""
         return self.accelerator.get_state_dict(self.model) if self._fsdp() else None
 
-    def _weights_torch_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_weights_dtype(self.config), torch.float32)
-
     def _in_weights_dtype(self, full: dict) -> dict:
         """A gathered (fp32) state dict back in the weights' dtype; the output norms stay fp32."""
-        dtype = self._weights_torch_dtype()
-        return {k: v if ".g_norm." in k or not v.is_floating_point() else v.to(dtype) for k, v in full.items()}
+        return {k: v if ".g_norm." in k or not v.is_floating_point() else v.to(self.weights_dtype)
+                for k, v in full.items()}
 
     def _exportable(self, folder: Path, full=None) -> None:
         """Make a checkpoint exportable (t2r export): the LoRA adapter (small; its base is OUTPUT/base),
@@ -298,12 +296,12 @@ class Run:
             model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
             model.save_pretrained(folder / "adapter", state_dict=full)
             return
-        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
         if full is not None:
             self._save_folder(model, folder / "model", state_dict=self._in_weights_dtype(full))
             return
         weights = folder / "accelerate" / "model.safetensors"
         (folder / "model").mkdir()
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(folder / "model")
         model.generation_config.save_pretrained(folder / "model")
         self.tokenizer.save_pretrained(folder / "model")
@@ -433,8 +431,7 @@ class Run:
         if not acc.is_main_process:
             return
         model = acc.unwrap_model(self.model)
-        # under FSDP every parameter is fp32 while training: back to the weights' own dtype
-        base_dtype = model.get_input_embeddings().weight.dtype if full is None else self._weights_torch_dtype()
+        base_dtype = self.weights_dtype  # trained (and under FSDP all) parameters are fp32 by now
         if self.lora is not None:
             model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
             model.save_pretrained(self.out / "adapter", state_dict=full)
