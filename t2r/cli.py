@@ -7,34 +7,48 @@ import sys
 from .hub import ALIASES, T2RError
 
 
+# Short names kept from earlier releases: flag -> (option, how the value maps)
+CONVERSION_ALIASES = {"--slots": "num_slots", "--tau": "gate_logit_normalizer", "--scale": "gsa_scale"}
+
+
 def _add_conversion_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``ConversionOptions`` field, named as its YAML key (``--num-slots`` ...)."""
+    import typing
+
     from .convert import ConversionOptions
 
-    d = ConversionOptions()
-    p.add_argument("--slots", type=int, default=d.num_slots, help="memory slots per kv head (default %(default)s)")
-    p.add_argument("--tau", type=float, default=d.gate_logit_normalizer,
-                   help="gate logit normalizer: g = logsigmoid(f_proj(x)) / tau (default %(default)s)")
-    p.add_argument("--feature-map", default=d.feature_map, choices=["swish", "relu", "identity", "elu1"],
-                   help="feature map on q and k (default %(default)s)")
-    p.add_argument("--rope", default="drop", choices=["keep", "drop"], help="RoPE in GSA layers (default drop)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="logit scale (default 1.0 with swish, head_dim^-0.5 otherwise)")
-    p.add_argument("--v-activation", default=d.v_activation, choices=["silu", "identity"])
-    p.add_argument("--no-output-norm", action="store_true", help="o_proj(o) instead of o_proj(RMSNorm(silu(o)))")
-    p.add_argument("--softmax-layers", default="none",
-                   help="layers kept as softmax attention (a hybrid): 'none', 'all' or e.g. '0,8-11'")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int, default=0, help="seed for the new gate weights")
+    for name, field in ConversionOptions.model_fields.items():
+        flags = ["--" + name.replace("_", "-")] + [a for a, n in CONVERSION_ALIASES.items() if n == name]
+        ann = field.annotation
+        default = f" (default {field.default})" if field.default is not None else ""
+        help_text = (field.description or name.replace("_", " ")) + default
+        kwargs = {"dest": name, "default": None, "help": help_text}
+        if ann is bool:
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(ann) is typing.Literal:
+            p.add_argument(*flags, choices=typing.get_args(ann), **kwargs)
+        elif ann in (int, float) or float in typing.get_args(ann):
+            p.add_argument(*flags, type=int if ann is int else float, **kwargs)
+        else:
+            p.add_argument(*flags, **kwargs)
+    p.add_argument("--rope", choices=["keep", "drop"], default=None, help="same as --use-rope / --no-use-rope")
 
 
 def conversion_options(args):
+    """The ConversionOptions of the flags given (the others keep their defaults)."""
+    from pydantic import ValidationError
+
     from .convert import ConversionOptions
 
-    return ConversionOptions(
-        num_slots=args.slots, gate_logit_normalizer=args.tau, feature_map=args.feature_map,
-        use_rope=args.rope == "keep", gsa_scale=args.scale, v_activation=args.v_activation,
-        output_norm=not args.no_output_norm, softmax_layers=args.softmax_layers, dtype=args.dtype, seed=args.seed,
-    )
+    given = {n: getattr(args, n) for n in ConversionOptions.model_fields if getattr(args, n, None) is not None}
+    if getattr(args, "rope", None) is not None:
+        given.setdefault("use_rope", args.rope == "keep")
+    try:
+        return ConversionOptions(**given)
+    except ValidationError as e:
+        bad = "; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']} "
+                        f"(got {err.get('input')!r})" for err in e.errors())
+        raise T2RError(f"bad conversion option: {bad}") from None
 
 
 def cmd_convert(args) -> None:

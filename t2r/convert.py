@@ -1,8 +1,9 @@
 """Convert a pretrained Llama/Mistral/Qwen2-family checkpoint into a GSA (or hybrid) model.
 
 The teacher's q/k/v/o projections, MLPs, norms and embeddings move into the converted model
-as they are (the same tensors: never two full copies of the weights in memory); only each
-converted layer's ``f_proj`` gate and ``g_norm`` output norm are new.
+as they are (the same tensors: never two full copies of the weights in memory); only what the
+conversion options add to each converted layer is new (``T2RPreTrainedModel.gsa_new_modules``:
+the ``f_proj`` gate, learnable feature maps, the ``g_norm`` output norm, the window mix).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .hub import ModelSource, T2RError, resolve_model
+from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -26,12 +28,19 @@ class ConversionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_slots: int = Field(64, ge=1, le=1024, description="memory slots per kv head (M)")
-    gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(f_proj(x)) / tau")
-    feature_map: Literal["swish", "relu", "identity", "elu1"] = "swish"
+    gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(gate logits) / tau")
+    feature_map: Literal["swish", "relu", "identity", "elu1", "softmax", "linear", "hedgehog"] = "swish"
     use_rope: bool = Field(False, description="keep RoPE on q/k in GSA layers (the paper drops it)")
-    gsa_scale: float | None = Field(None, gt=0, description="logit scale; default 1.0 with swish, else head_dim^-0.5")
+    gsa_scale: float | None = Field(None, gt=0, description="logit scale; default 1.0 with swish, head_dim^0.5 "
+                                    "with softmax/hedgehog, else head_dim^-0.5")
     v_activation: Literal["silu", "identity"] = "silu"
     output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o)")
+    gate_source: Literal["f_proj", "key"] = Field(
+        "f_proj", description="gate logits from a new f_proj, or pooled from the key projection (no new weights)")
+    f_proj_init: Literal["key", "random"] = Field(
+        "key", description="initialise f_proj from the key projection pooled to the slots, or at random")
+    window_size: int = Field(0, ge=0, le=4096, description="exact softmax attention over the last W tokens "
+                             "inside each GSA layer, GSA for older ones (0: pure GSA)")
     softmax_layers: str | list[int] = Field(
         "none", description="layers kept as softmax attention: 'none', 'all', or indices like '0,8-11'")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -98,13 +107,15 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
         gsa_layers=[i for i in range(L) if i not in softmax],
         num_slots=options.num_slots, gate_logit_normalizer=options.gate_logit_normalizer,
         feature_map=options.feature_map, use_rope=options.use_rope, gsa_scale=options.gsa_scale,
-        v_activation=options.v_activation, output_norm=options.output_norm,
+        v_activation=options.v_activation, output_norm=options.output_norm, gate_source=options.gate_source,
+        f_proj_init=options.f_proj_init, window_size=options.window_size,
     )
 
 
-def new_parameter_names(model: T2RForCausalLM) -> list[str]:
+def new_parameter_names(model) -> list[str]:
     """Parameters a conversion adds (everything else comes from the teacher)."""
-    return [n for n, _ in model.named_parameters() if ".self_attn.f_proj." in n or ".self_attn.g_norm." in n]
+    new = {f".self_attn.{m}." for m in T2RForCausalLM.gsa_new_modules}
+    return [n for n, _ in model.named_parameters() if any(m in n for m in new)]
 
 
 def convert_model(teacher, options: ConversionOptions, source: str | None = None) -> T2RForCausalLM:
@@ -124,17 +135,17 @@ def convert_model(teacher, options: ConversionOptions, source: str | None = None
             f"unexpected {unexpected[:5]}"
         )
     ref = teacher.get_input_embeddings().weight
-    gen = torch.Generator().manual_seed(options.seed)
-    for name in sorted(new):
+    keep_fp32 = tuple(f".{m}." for m in T2RForCausalLM._keep_in_fp32_modules_strict)
+    for name in sorted(new):  # materialise (from meta), then each layer initialises its own
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
-        shape = getattr(module, param_name).shape
-        if ".f_proj." in name:
-            value = torch.randn(shape, generator=gen) * config.initializer_range
-            value = value.to(device=ref.device, dtype=ref.dtype)
-        else:  # g_norm: identity at start, kept in fp32
-            value = torch.ones(shape, device=ref.device, dtype=torch.float32)
+        dtype = torch.float32 if any(m in name for m in keep_fp32) else ref.dtype
+        value = torch.empty(getattr(module, param_name).shape, device=ref.device, dtype=dtype)
         setattr(module, param_name, torch.nn.Parameter(value))
+    gen = torch.Generator().manual_seed(options.seed)
+    for layer in model.model.layers:
+        if isinstance(layer.self_attn, GatedSlotAttention):
+            layer.self_attn.init_new_parameters(gen, options.f_proj_init)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.generation_config = teacher.generation_config
@@ -173,7 +184,7 @@ def describe(model: T2RForCausalLM, options: ConversionOptions) -> str:
         f"converted {len(c.gsa_layers)}/{c.num_hidden_layers} attention layers to GSA"
         + (f" (kept softmax: {softmax})" if softmax else ""),
         f"new parameters: {count:,} ({count / total:.3%} of {total:,}) in {len(new)} tensors "
-        "(self_attn.f_proj: gates, self_attn.g_norm: output norm)",
+        f"({', '.join(sorted({n.split('.self_attn.')[1].split('.')[0] for n in new})) or 'none'})",
         "options: " + ", ".join(f"{k}={v}" for k, v in options.model_dump().items()),
     ]
     return "\n".join(lines)

@@ -50,6 +50,10 @@ CASES = {
     "all-gsa": dict(family="llama"),
     "hybrid": dict(family="mistral", softmax_layers="1,3"),
     "rope-kept": dict(family="qwen2", use_rope=True, feature_map="relu"),
+    # the window hybrid: prefill shorter (8) and longer (5) than the window, then a ring buffer
+    "window": dict(family="llama", window_size=8, feature_map="linear", use_rope=True, gate_source="key",
+                   output_norm=False, v_activation="identity"),
+    "window-hybrid": dict(family="mistral", window_size=5, softmax_layers="1", feature_map="hedgehog"),
 }
 
 
@@ -68,7 +72,7 @@ def test_token_by_token_decoding_matches_parallel_forward(case):
     assert rel_err(torch.cat(steps, 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("case", ["all-gsa", "hybrid", "rope-kept"])
+@pytest.mark.parametrize("case", ["all-gsa", "hybrid", "rope-kept", "window", "window-hybrid"])
 def test_left_padded_batch_generates_like_each_prompt_alone(case):
     _, model, tok = converted(**CASES[case])
     prompts = ["def add(a, b):", "x = 1", "import os\nprint(os.getcwd())"]
@@ -96,6 +100,9 @@ def test_gsa_state_memory_does_not_grow_with_the_context():
     assert small.nbytes() == large.nbytes() == model.gsa_state_nbytes(batch_size=2)
     _, hybrid, _ = converted("llama", softmax_layers="0")
     assert _cache_after(hybrid, 1000).nbytes() > _cache_after(hybrid, 10).nbytes()  # only the KV cache grows
+    _, windowed, _ = converted("llama", window_size=16)  # state + a ring buffer of the last 16 tokens
+    small, large = _cache_after(windowed, 10), _cache_after(windowed, 300)
+    assert small.nbytes() == large.nbytes() == windowed.gsa_state_nbytes(batch_size=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -117,9 +124,11 @@ def test_save_and_load_round_trip_is_bit_exact_and_safetensors_only(tmp_path, dt
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
-def test_packed_documents_do_not_see_each_other():
+@pytest.mark.parametrize("options", [dict(softmax_layers="0,2"), dict(softmax_layers="0", window_size=3)],
+                         ids=["hybrid", "window"])
+def test_packed_documents_do_not_see_each_other(options):
     """cu_seqlens: each packed document gives the logits it gives alone (GSA state reset, softmax masked)."""
-    _, model, _ = converted("mistral", softmax_layers="0,2")
+    _, model, _ = converted("mistral", **options)
     docs = [torch.randint(2, 258, (n,)) for n in (5, 11, 4, 12, 1, 7)]
     rows = torch.cat(docs).view(2, 20)
     cu = torch.tensor([0, 5, 16, 20, 32, 33, 40])  # every row boundary (20) is a document boundary

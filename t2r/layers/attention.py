@@ -20,6 +20,8 @@ class AttentionContext:
     cu_seqlens: [N + 1] offsets of packed documents over the flattened B * T tokens (None: one
                 sequence per row). Only without a cache.
     doc_ids:    [B, T] document index of each token, the same boundaries as cu_seqlens.
+    positions:  [B, T] position of each token in its sequence (its document, when packed; real
+                tokens only, when left-padded).
     """
 
     cos: torch.Tensor
@@ -27,6 +29,7 @@ class AttentionContext:
     key_mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def token_mask(self, T: int) -> torch.Tensor | None:
         """[B, T] bool for this forward's own tokens (None: all real)."""

@@ -1,10 +1,26 @@
 """GatedSlotAttention: the T2R layer that replaces a teacher's softmax attention.
 
-It keeps the teacher's q/k/v/o projections and adds only ``f_proj`` (one gate logit per slot
-per kv head) and ``g_norm`` (an fp32 RMSNorm over each head's output):
+It keeps the teacher's q/k/v/o projections. Per kv head, M slots hold gated averages of the
+keys and values; a query reads them through a softmax over the slots:
 
-    g = logsigmoid(f_proj(x)) / tau,   s = 1 - exp(g)
-    o = o_proj(RMSNorm(silu(GSA(phi(q), phi(k), act(v), s, g))))
+    g = logsigmoid(gate_logits) / tau,   s = 1 - exp(g)        (forget and write tied)
+    o = o_proj(norm(GSA(phi(q), phi(k), act(v), s, g)))
+
+Conversion options (``T2RConfig``) choose each part: the feature map phi (fixed or learnable,
+``feature_maps.py``), RoPE kept or dropped before it, the gate logits from a new ``f_proj``
+(hidden -> H * M) or pooled from the key projection (no new parameter), SiLU or identity on v,
+the paper's output norm ``RMSNorm(silu(o))`` or none.
+
+With ``window_size`` W > 0 the layer is a hybrid inside itself: exact softmax attention (the
+teacher's, RoPE and scale included) over the last W tokens, and GSA over every older token
+(its state lags W tokens behind). The two are mixed as a single softmax would weigh them:
+
+    w = sigmoid(lse_window - (theta_h + log n_old)),   o = w * o_window + (1 - w) * o_gsa
+
+where lse_window is the log-normaliser of the window's scores, n_old the number of tokens older
+than the window, and ``theta_h`` (``window_mix``, one per query head) a learned estimate of the
+log mean weight of an old token. The state stays fixed-size: decoding keeps the last W tokens
+in a ring buffer beside the GSA state.
 
 The operator runs only through ``t2r.kernels.gsa`` (Triton on CUDA, torch on CPU).
 """
@@ -17,14 +33,10 @@ from torch import nn
 from t2r.kernels.gsa import chunk_gsa, fused_recurrent_gsa
 
 from .attention import AttentionContext, SoftmaxAttention
+from .feature_maps import LearnableFeatureMap, make_feature_map
 from .norm import RMSNorm
-
-FEATURE_MAP_FNS = {
-    "swish": F.silu,
-    "relu": F.relu,
-    "identity": lambda x: x,
-    "elu1": lambda x: F.elu(x) + 1.0,
-}
+from .rotary import apply_rotary
+from .window import window_attention
 
 
 def slot_gates(gate_logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,53 +46,156 @@ def slot_gates(gate_logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, tor
     return -torch.expm1(g), g
 
 
+def pool_heads(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average-pool the last dim of x [..., D] to ``size`` (adaptive windows, as Liger pools keys)."""
+    if x.shape[-1] == size:
+        return x
+    lead = x.shape[:-1]
+    return F.adaptive_avg_pool1d(x.reshape(-1, 1, x.shape[-1]), size).reshape(*lead, size)
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, T, ...] delayed by n positions along T (zeros in front)."""
+    if n >= x.shape[1]:
+        return torch.zeros_like(x)
+    return torch.cat([x.new_zeros(x.shape[0], n, *x.shape[2:]), x[:, :-n]], 1)
+
+
+class HeadScalars(nn.Module):
+    """One learned number per head (``weight`` [heads]); a module so LoRA runs can save it."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads))
+
+
 class GatedSlotAttention(SoftmaxAttention):
     """A converted attention block. ``as_teacher = True`` makes it run the teacher's softmax
     attention with the same weights (for distillation), without a second copy of them."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.num_slots = config.num_slots
-        self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.num_slots, bias=False)
+        self.num_slots = M = config.num_slots
+        self.f_proj = nn.Linear(config.hidden_size, self.num_kv_heads * M, bias=False) \
+            if config.gate_source == "f_proj" else None
+        self.q_map = make_feature_map(config.feature_map, self.num_heads, self.head_dim)
+        self.k_map = make_feature_map(config.feature_map, self.num_kv_heads, self.head_dim)
         self.g_norm = RMSNorm(self.head_dim, eps=config.gsa_norm_eps) if config.output_norm else None
-        self.feature_map = FEATURE_MAP_FNS[config.feature_map]
         self.v_activation = F.silu if config.v_activation == "silu" else (lambda x: x)
         self.scale = config.gsa_logit_scale
         self.tau = config.gate_logit_normalizer
         self.use_rope = config.use_rope
+        self.window_size = config.window_size
+        self.window_mix = HeadScalars(self.num_heads) if self.window_size else None
         self.backend = None if config.gsa_backend == "auto" else config.gsa_backend
         self.as_teacher = False  # run the teacher's softmax attention instead
         self.transfer = False  # attention transfer (see transfer_forward)
         self.transfer_error: torch.Tensor | None = None
+        self.branches = {"window": True, "gsa": True}  # inference ablation of a windowed layer
 
+    @torch.no_grad()
+    def init_new_parameters(self, generator: torch.Generator | None = None, f_proj_init: str = "key") -> None:
+        """Initialise what a conversion adds (the teacher's q/k/v/o are already in place):
+        ``f_proj`` from the key projection pooled to M slots per kv head (the gate Liger derives
+        from the keys, here as a trainable start) or random; identity feature maps; a unit output
+        norm; window mix 0."""
+        if self.f_proj is not None:
+            w = self.f_proj.weight
+            if f_proj_init == "key":
+                k = self.k_proj.weight.float().view(self.num_kv_heads, self.head_dim, -1).transpose(1, 2)
+                value = pool_heads(k, self.num_slots).transpose(1, 2).reshape(w.shape)
+            else:
+                value = torch.randn(w.shape, generator=generator) * self.config.initializer_range
+            w.copy_(value.to(device=w.device, dtype=w.dtype))
+        for fm in (self.q_map, self.k_map):
+            if isinstance(fm, LearnableFeatureMap):
+                fm.reset_parameters()
+        if self.g_norm is not None:
+            self.g_norm.weight.fill_(1.0)
+        if self.window_mix is not None:
+            self.window_mix.weight.zero_()
+
+    # -- inputs ---------------------------------------------------------------------------------
     def gsa_inputs(self, x: torch.Tensor, ctx: AttentionContext):
-        """q [B, T, HQ, D], k [B, T, H, D], v [B, T, H, D], s and g [B, T, H, M] for the operator."""
+        """(q, k, v, s, g) for the operator, plus the teacher's RoPE'd q and k and raw v (for the
+        window): q [B, T, HQ, D], k and v [B, T, H, D], s and g [B, T, H, M]."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, ctx, rope=self.use_rope)
-        q, k, v = self.feature_map(q), self.feature_map(k), self.v_activation(v)
-        s, g = slot_gates(self.f_proj(x).view(B, T, self.num_kv_heads, self.num_slots), self.tau)
+        q0, k0, v0 = self.project(x, ctx, rope=False)
+        logits = self.f_proj(x).view(B, T, self.num_kv_heads, self.num_slots) if self.f_proj is not None \
+            else pool_heads(k0, self.num_slots)
+        s, g = slot_gates(logits, self.tau)
         mask = ctx.token_mask(T)
         if mask is not None:  # padding must neither write nor decay the state
             keep = mask[:, :, None, None].to(s.dtype)
             s, g = s * keep, g * keep
-        dt = q.dtype
-        return q, k, v, s.to(dt), g.to(dt)
+        qr, kr = apply_rotary(q0, ctx.cos, ctx.sin), apply_rotary(k0, ctx.cos, ctx.sin)
+        q, k = (qr, kr) if self.use_rope else (q0, k0)
+        dt = v0.dtype  # the compute dtype (autocast's, or the weights')
+        q, k, v = self.q_map(q).to(dt), self.k_map(k).to(dt), self.v_activation(v0)
+        return (q, k, v, s.to(dt), g.to(dt)), (qr, kr, v0)
 
-    def gsa_forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v, s, g = self.gsa_inputs(x, ctx)
+    def _gsa(self, q, k, v, s, g, ctx: AttentionContext, state, want_state: bool):
+        B, T = q.shape[:2]
         if ctx.cu_seqlens is not None:  # packed documents: one long row, state reset per document
             q, k, v, s, g = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, s, g))
-        state = cache.gsa_state(self.layer_idx) if cache is not None else None
         op = fused_recurrent_gsa if (state is not None and T == 1) else chunk_gsa
-        o, final = op(q, k, v, s, g, scale=self.scale, initial_state=state,
-                      output_final_state=cache is not None, cu_seqlens=ctx.cu_seqlens, backend=self.backend)
-        if cache is not None:
-            cache.set_gsa_state(self.layer_idx, final)
-        o = o.reshape(B, T, self.num_heads, self.head_dim)
+        o, final = op(q, k, v, s, g, scale=self.scale, initial_state=state, output_final_state=want_state,
+                      cu_seqlens=ctx.cu_seqlens, backend=self.backend)
+        return o.reshape(B, T, self.num_heads, -1), final
+
+    # -- forwards -------------------------------------------------------------------------------
+    def gsa_forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        (q, k, v, s, g), teacher_qkv = self.gsa_inputs(x, ctx)
+        if self.window_size:
+            o = self._windowed(q, k, v, s, g, teacher_qkv, ctx, cache)
+        else:
+            state = cache.gsa_state(self.layer_idx) if cache is not None else None
+            o, final = self._gsa(q, k, v, s, g, ctx, state, cache is not None)
+            if cache is not None:
+                cache.set_gsa_state(self.layer_idx, final)
         if self.g_norm is not None:
             o = self.g_norm(F.silu(o))
         return self.o_proj(o.reshape(B, T, -1))
+
+    def _windowed(self, q, k, v, s, g, teacher_qkv, ctx: AttentionContext, cache) -> torch.Tensor:
+        """Window softmax over the last W tokens + GSA over the older ones, mixed (module doc)."""
+        W, (qr, kr, v0) = self.window_size, teacher_qkv
+        B, T = q.shape[:2]
+        mask = ctx.token_mask(T)
+        pos = ctx.positions if ctx.positions is not None else torch.arange(T, device=q.device).expand(B, T)
+        if cache is None:
+            o_w, lse = window_attention(qr, kr, v0, W, self.head_dim ** -0.5, key_valid=mask, doc_ids=ctx.doc_ids)
+            # GSA over tokens older than the window: the query at t reads the state after t - W.
+            fresh = (pos >= W)[:, :, None, None].to(s.dtype)  # t - W lies in the same document
+            k_old, v_old = _shift_right(k, W), _shift_right(v, W)
+            s_old, g_old = _shift_right(s, W) * fresh, _shift_right(g, W) * fresh
+            o_g, _ = self._gsa(q, k_old, v_old, s_old, g_old, ctx, None, False) if T > W else (None, None)
+        else:
+            buf = cache.window_buffer(self.layer_idx)
+            if buf is None:  # W empty (invalid) entries: they neither attend nor write
+                buf = {"k": kr.new_zeros(B, W, *kr.shape[2:]), "v": v0.new_zeros(B, W, *v0.shape[2:]),
+                       "gk": k.new_zeros(B, W, *k.shape[2:]), "gv": v.new_zeros(B, W, *v.shape[2:]),
+                       "s": s.new_zeros(B, W, *s.shape[2:]), "g": g.new_zeros(B, W, *g.shape[2:]),
+                       "valid": torch.zeros(B, W, dtype=torch.bool, device=q.device)}
+            new = {"k": kr, "v": v0, "gk": k, "gv": v, "s": s, "g": g,
+                   "valid": mask.bool() if mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)}
+            full = {name: torch.cat([buf[name], new[name].to(buf[name].dtype)], 1) for name in buf}
+            o_w, lse = window_attention(qr, full["k"], full["v"], W, self.head_dim ** -0.5, key_valid=full["valid"])
+            # the T oldest entries of buffer + new tokens leave the window and enter the state
+            state = cache.gsa_state(self.layer_idx)
+            old = [full[n][:, :T] for n in ("gk", "gv", "s", "g")]
+            o_g, final = self._gsa(q, *old, ctx, state, True)
+            cache.set_gsa_state(self.layer_idx, final)
+            cache.set_window_buffer(self.layer_idx, {n: t[:, T:] for n, t in full.items()})
+        if o_g is None or not self.branches["gsa"]:
+            return o_w
+        if not self.branches["window"]:
+            return o_g
+        n_old = (pos - W + 1).clamp_min(0).float()[:, :, None]  # [B, T, 1]
+        log_old = self.window_mix.weight.float() + n_old.log()  # -inf where nothing is older than the window
+        w = torch.sigmoid(lse - log_old)[..., None]
+        return (w * o_w.float() + (1 - w) * o_g.float()).to(o_w.dtype)
 
     def transfer_forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Attention transfer: return the teacher's output (so the next layer sees the teacher's

@@ -35,7 +35,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, heads, D] (rotate-half convention of the Llama family)."""
+    """Rotate x [B, T, heads, D] (rotate-half convention of the Llama family), in x's dtype: under
+    autocast the tables may be fp32 while q and k are half precision, and the result must not be
+    promoted (v, s and g stay in the half dtype)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-FEATURE_MAPS = ("swish", "relu", "identity", "elu1")
+from t2r.layers.feature_maps import FEATURE_MAPS
+
 V_ACTIVATIONS = ("silu", "identity")
+GATE_SOURCES = ("f_proj", "key")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
@@ -14,7 +16,7 @@ class T2RConfig(PretrainedConfig):
     The first block of fields describes the teacher decoder (copied from its config at
     conversion). ``gsa_layers`` lists the layers whose softmax attention was replaced by Gated
     Slot Attention; every other layer keeps softmax attention (a hybrid). The ``gsa_*`` and
-    slot fields are the conversion options (``../shared/design/gsa.md`` section 2).
+    slot fields are the conversion options (``t2r/layers/gsa.py`` describes the layer).
     """
 
     model_type = "t2r"
@@ -51,9 +53,12 @@ class T2RConfig(PretrainedConfig):
     gate_logit_normalizer: float = 8.0
     feature_map: str = "swish"
     use_rope: bool = False
-    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** -0.5 otherwise
+    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** 0.5 with softmax/hedgehog, else head_dim ** -0.5
     v_activation: str = "silu"
     output_norm: bool = True
+    gate_source: str = "f_proj"  # f_proj: a new gate projection; key: pooled from the key projection
+    f_proj_init: str = "key"  # how the conversion initialised f_proj: key (pooled k_proj) or random
+    window_size: int = 0  # > 0: exact softmax over the last window_size tokens + GSA for older ones
     gsa_norm_eps: float = 1e-5
     gsa_backend: str = "auto"
 
@@ -84,8 +89,8 @@ class T2RConfig(PretrainedConfig):
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        choices = {"feature_map": FEATURE_MAPS, "v_activation": V_ACTIVATIONS,
-                   "gsa_backend": ("auto", "torch", "triton")}
+        choices = {"feature_map": FEATURE_MAPS, "v_activation": V_ACTIVATIONS, "gate_source": GATE_SOURCES,
+                   "f_proj_init": ("key", "random"), "gsa_backend": ("auto", "torch", "triton")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -94,6 +99,10 @@ class T2RConfig(PretrainedConfig):
                 f"num_slots must be >= 1 and gate_logit_normalizer > 0, got {self.num_slots}, "
                 f"{self.gate_logit_normalizer}"
             )
+        if self.window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0: no window), got {self.window_size}")
+        if self.feature_map == "hedgehog" and self.head_dim % 2:
+            raise ValueError(f"feature_map='hedgehog' needs an even head_dim, got {self.head_dim}")
         if len(self.layer_types) != L:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {L} layers")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
@@ -106,7 +115,9 @@ class T2RConfig(PretrainedConfig):
     def gsa_logit_scale(self) -> float:
         if self.gsa_scale is not None:
             return float(self.gsa_scale)
-        return 1.0 if self.feature_map == "swish" else self.head_dim ** -0.5
+        if self.feature_map == "swish":
+            return 1.0
+        return self.head_dim ** (0.5 if self.feature_map in ("softmax", "hedgehog") else -0.5)
 
     def is_gsa_layer(self, layer_idx: int) -> bool:
         return layer_idx in self.gsa_layers

@@ -1,8 +1,8 @@
 """The converted decoder: Llama/Mistral/Qwen2 blocks whose attention may be Gated Slot Attention.
 
 Module and parameter names are the teacher's (``model.layers.N.self_attn.q_proj`` ...), so the
-teacher's weights load as they are, LoRA targets and FSDP wrapping work unchanged, and only
-``self_attn.f_proj`` and ``self_attn.g_norm`` are new in converted layers.
+teacher's weights load as they are, LoRA targets and FSDP wrapping work unchanged, and only the
+modules named in ``T2RPreTrainedModel.gsa_new_modules`` are new in converted layers.
 """
 from __future__ import annotations
 
@@ -64,12 +64,22 @@ class T2RPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["T2RDecoderLayer"]
-    _keep_in_fp32_modules_strict = ["g_norm"]  # the new output norm stays fp32 under bf16 and fp16
+    # What a conversion adds to a GSA layer (modules under ``self_attn``; which exist depends on the
+    # conversion options): the gate projection, learnable feature maps, the output norm and the
+    # window mix. Everything else is the teacher's. Convert, training stages and export read this.
+    gsa_new_modules = ("f_proj", "q_map", "k_map", "g_norm", "window_mix")
+    # the output norm and the window mix stay fp32 under bf16 and fp16
+    _keep_in_fp32_modules_strict = ["g_norm", "window_mix"]
     _supports_sdpa = True
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own T2RCache
+
+
+def keeps_fp32(param_name: str) -> bool:
+    """Whether this parameter stays fp32 whatever the weights' dtype (the output norm, the window mix)."""
+    return any(part in T2RPreTrainedModel._keep_in_fp32_modules_strict for part in param_name.split("."))
 
 
 def _cu_seqlens_to_doc_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -128,7 +138,8 @@ class T2RModel(T2RPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=h.device).expand(B, T)
         cos, sin = self.rotary_emb(position_ids, h.dtype)
-        return AttentionContext(cos=cos, sin=sin, key_mask=attention_mask, cu_seqlens=cu_seqlens, doc_ids=doc_ids)
+        return AttentionContext(cos=cos, sin=sin, key_mask=attention_mask, cu_seqlens=cu_seqlens, doc_ids=doc_ids,
+                                positions=position_ids)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: T2RCache | None = None,
                 inputs_embeds=None, cu_seqlens=None, output_hidden_states: bool = False):
@@ -242,10 +253,27 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             for m, b in zip(layers, before):
                 m.as_teacher = b
 
+    @contextlib.contextmanager
+    def window_branches(self, window: bool = True, gsa: bool = True):
+        """Inside the block, windowed GSA layers use only the named branches (an inference
+        ablation: ``window=False`` reads only the GSA state, ``gsa=False`` only the window)."""
+        layers = [m for m in self.modules() if isinstance(m, GatedSlotAttention)]
+        for m in layers:
+            m.branches = {"window": window, "gsa": gsa}
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.branches = {"window": True, "gsa": True}
+
     def gsa_state_nbytes(self, batch_size: int = 1) -> int:
-        """Recurrent state of all GSA layers for ``batch_size`` sequences, in bytes (fp32)."""
+        """Recurrent state of all GSA layers for ``batch_size`` sequences, in bytes (fp32); with a
+        window, the ring buffer of the last W tokens too (in the weights' dtype)."""
         c = self.config
         per_layer = c.num_key_value_heads * c.num_slots * 2 * c.head_dim * 4
+        if c.window_size:
+            per_token = c.num_key_value_heads * (4 * c.head_dim + 2 * c.num_slots) * self.dtype.itemsize + 1
+            per_layer += c.window_size * per_token
         return batch_size * per_layer * len(c.gsa_layers)
 
 

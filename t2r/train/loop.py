@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..hub import ALIAS_LICENSES, T2RError
+from ..models.modeling_t2r import keeps_fp32
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
@@ -284,7 +285,7 @@ class Run:
 
     def _in_weights_dtype(self, full: dict) -> dict:
         """A gathered (fp32) state dict back in the weights' dtype; the output norms stay fp32."""
-        return {k: v if ".g_norm." in k or not v.is_floating_point() else v.to(self.weights_dtype)
+        return {k: v if keeps_fp32(k) or not v.is_floating_point() else v.to(self.weights_dtype)
                 for k, v in full.items()}
 
     def _exportable(self, folder: Path, full=None) -> None:
@@ -440,7 +441,7 @@ class Run:
             self._save_folder(model, self.out / "model", state_dict=self._in_weights_dtype(full))
         else:
             for name, p in model.named_parameters():  # back to the weights' dtype (the output norms stay fp32)
-                if ".g_norm." not in name and p.dtype != base_dtype:
+                if not keeps_fp32(name) and p.dtype != base_dtype:
                     p.data = p.data.to(base_dtype)
             self._save_folder(model, self.out / "model")
         c = model.config

@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from ..hub import T2RError
-from ..models.modeling_t2r import next_token_targets
+from ..models.modeling_t2r import T2RPreTrainedModel, next_token_targets
 from .config import AttentionTransferStage, FinetuneStage, LoraConfig, ModelConfig
 
-GSA_MODULES = ("f_proj", "g_norm")
+GSA_MODULES = T2RPreTrainedModel.gsa_new_modules
+
+
+def gsa_modules_present(model) -> list[str]:
+    """The new GSA modules this model has that hold parameters (what LoRA runs save in full)."""
+    present = {n.split(".self_attn.")[1].split(".")[0] for n, _ in model.named_parameters() if ".self_attn." in n}
+    return [m for m in GSA_MODULES if m in present]
 
 
 def load_model(cfg: ModelConfig, log=print):
@@ -56,7 +62,7 @@ def add_lora(model, lora: LoraConfig):
         raise T2RError(f"lora.target_modules {missing} are not modules of this model "
                        "(use q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=lora.target_modules, modules_to_save=list(GSA_MODULES),
+                                 target_modules=lora.target_modules, modules_to_save=gsa_modules_present(model),
                                  task_type="CAUSAL_LM")
     return get_peft_model(model, peft_config)
 
