@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_generate)
 
+    from .eval.command import register as register_eval
     from .export import register as register_export
     from .train.cli import register as register_finetune
 
     register_finetune(sub)
+    register_eval(sub)
     register_export(sub)
     return parser
 

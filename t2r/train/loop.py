@@ -22,10 +22,10 @@ import yaml
 from ..hub import ALIAS_LICENSES, T2RError
 from ..models.modeling_t2r import keeps_fp32
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
-from .config import AttentionTransferStage, RunConfig, dump_config, resume_mismatch
+from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
-from .stages import (add_lora, count_targets, load_model, run_lora_config, set_trainable, stage_loss_sum,
-                     stage_parameters)
+from .stages import (add_lora, count_targets, frozen_teacher, load_model, run_lora_config, set_trainable,
+                     stage_loss_sum, stage_parameters)
 
 
 class RunStopped(T2RError):
@@ -126,6 +126,11 @@ class Run:
             saved.write_text(dump_config(cfg))
         with acc.main_process_first():
             model, self.tokenizer = load_model(cfg.model, log=self._main_log)
+            window = getattr(model.config, "window_size", 0)
+            if window and window >= cfg.data.seq_len:
+                raise T2RError(f"data.seq_len={cfg.data.seq_len} does not exceed the model's window_size={window}: "
+                               "no token would ever reach the GSA part of the layers; raise data.seq_len or lower "
+                               "model.conversion.window_size")
             train_docs, eval_docs = load_documents(cfg.data)
             cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
             self.order = RowOrder(tokenize_and_pack(train_docs, self.tokenizer, cfg.data, cache), cfg.seed)
@@ -136,6 +141,8 @@ class Run:
         self.eval_rows = list(eval_rows.take(n_eval) if not hasattr(eval_rows, "__len__")
                               else eval_rows.select(range(min(n_eval, len(eval_rows))))) if eval_rows else []
         self.lora = run_lora_config(cfg.stages)
+        full_kl = any(isinstance(s, FinetuneStage) and s.lora is None and s.kl_weight > 0 for s in cfg.stages)
+        self.teacher = frozen_teacher(model).to(acc.device) if full_kl else None
         if self.lora is not None:
             if acc.is_main_process and self.resumed_from is None:
                 self._save_folder(model, self.out / "base")  # what the adapter goes on top of
@@ -230,7 +237,7 @@ class Run:
             sync = i == len(batches) - 1
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
-                loss_sum, parts = stage_loss_sum(self.model, batch, stage)
+                loss_sum, parts = stage_loss_sum(self.model, batch, stage, self.teacher)
                 acc.backward(loss_sum * scale)
             for k, v in {"loss": loss_sum.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0) + v.float()
@@ -272,6 +279,28 @@ class Run:
         self.state.evals["eval_tokens"] = tokens
         self._main_log(f"held-out perplexity {key}: {ppl:.3f} ({tokens:,} tokens)")
         self.accelerator.log({f"eval/{key}": ppl}, step=self.state.step)
+
+    @torch.no_grad()
+    def transfer_report(self, key: str) -> None:
+        """Each GSA layer's attention-transfer error (mean over held-out tokens of the per-token
+        mean squared error of its output against the teacher's softmax attention) in evals[key]."""
+        if not self.eval_rows:
+            return
+        acc, core = self.accelerator, self.accelerator.unwrap_model(self.model)
+        rows = self.eval_rows[acc.process_index::acc.num_processes][: 4 * self.config.batch.micro_batch_size]
+        sums, tokens = None, torch.zeros((), device=acc.device)
+        for i in range(0, len(rows), self.config.batch.micro_batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate(rows[i:i + self.config.batch.micro_batch_size],
+                                                             self.pad_id).items()}
+            labels = batch.pop("labels")
+            with acc.autocast():
+                errs = core(**batch, attention_transfer=True).layer_errors.float()
+            sums = errs if sums is None else sums + errs
+            tokens += (labels != -100).sum()
+        per_layer = acc.reduce(sums, reduction="sum") / acc.reduce(tokens, reduction="sum").clamp_min(1)
+        self.state.evals[key] = [round(float(e), 6) for e in per_layer]
+        self._main_log(f"attention-transfer error per GSA layer, {key}: mean {per_layer.mean().item():.4g}, "
+                       f"max {per_layer.max().item():.4g}")
 
     def _fsdp(self) -> bool:
         from accelerate.utils import DistributedType
@@ -397,6 +426,8 @@ class Run:
             else:
                 self.state.stage_start_tokens = self.state.tokens_seen
                 self.optimizer.optimizer.state.clear()  # fresh moments for this stage
+                if isinstance(stage, AttentionTransferStage) and "transfer_error_before" not in self.state.evals:
+                    self.transfer_report("transfer_error_before")
             while self.state.stage_step < stage.steps:
                 started, tokens_before = time.time(), self.state.tokens_seen
                 stats = self.train_step(stage, self.optimizer)
@@ -410,6 +441,8 @@ class Run:
                     self._checkpoint()
                     raise RunStopped(f"stopped by signal at step {self.state.step}; continue with --resume "
                                      f"(t2r finetune CONFIG --output-dir {self.out} --resume)", exit_code=130)
+            if isinstance(stage, AttentionTransferStage):
+                self.transfer_report("transfer_error_after")
             self.state.stage_summaries.append({"name": stage.name, "steps": stage.steps,
                                                "tokens": self.state.tokens_seen - self.state.stage_start_tokens,
                                                "lora": self.lora.model_dump() if self.lora and stage.name ==
@@ -452,6 +485,9 @@ class Run:
             "stages": self.state.stage_summaries,
             "eval": {k: self.state.evals.get(k) for k in ("teacher_ppl", "converted_ppl_before", "ppl_after",
                                                           "eval_tokens")},
+            "transfer_error_per_layer": {k.removeprefix("transfer_error_"): self.state.evals[k]
+                                         for k in ("transfer_error_before", "transfer_error_after")
+                                         if k in self.state.evals},
             "license": ALIAS_LICENSES.get(cfg.model.source.lower()),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if torch.cuda.is_available() else None,

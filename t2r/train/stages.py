@@ -85,6 +85,11 @@ def stage_parameters(model, stage) -> list[str]:
         if train:
             names.append(name)
     if not names:
+        if isinstance(stage, AttentionTransferStage) and any(".self_attn.q_proj." in n for n, _ in
+                                                             model.named_parameters()):
+            raise T2RError("stage attention_transfer has nothing to train: this conversion adds no parameters "
+                           "(gate_source: key with a fixed feature map and no window); drop that stage, or "
+                           "use a learnable feature map (linear, hedgehog) or gate_source: f_proj")
         raise T2RError(f"stage {stage.name} has nothing to train: the model has no GSA layers "
                        "(model.conversion.softmax_layers keeps every layer softmax)")
     return names
@@ -117,8 +122,21 @@ def teacher_weights(model):
     return stack
 
 
-def stage_loss_sum(model, batch: dict, stage) -> tuple[torch.Tensor, dict]:
-    """Sum of the stage's per-token losses over the batch, and its parts (for logging)."""
+def frozen_teacher(model):
+    """A frozen copy of the converted model before training, run as the teacher: a full finetune
+    (no adapters to switch off) changes the shared weights, and the KL target must not move."""
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def stage_loss_sum(model, batch: dict, stage, teacher=None) -> tuple[torch.Tensor, dict]:
+    """Sum of the stage's per-token losses over the batch, and its parts (for logging). The KL
+    term's teacher is ``teacher`` (run as softmax attention) or, with LoRA, the model's own weights
+    with adapters off."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if isinstance(stage, AttentionTransferStage):
         loss = model(**inputs, attention_transfer=True).loss
@@ -131,8 +149,8 @@ def stage_loss_sum(model, batch: dict, stage) -> tuple[torch.Tensor, dict]:
     parts = {"ce": ce.detach()}
     loss = ce
     if stage.kl_weight > 0:
-        with torch.no_grad(), teacher_weights(model):
-            teacher_logits = model(**inputs, use_cache=False).logits.float()
+        with torch.no_grad(), (teacher.teacher_mode() if teacher is not None else teacher_weights(model)):
+            teacher_logits = (teacher or model)(**inputs, use_cache=False).logits.float()
         t = stage.kl_temperature
         valid = (target != -100).reshape(-1)
         log_p = F.log_softmax(teacher_logits.reshape(-1, logits.shape[-1])[valid] / t, -1)

@@ -1,0 +1,258 @@
+"""Which conversion and training ingredients keep the teacher's quality: an ablation at equal tokens.
+
+Each row is a ``t2r finetune`` run of SmolLM2-135M-Instruct (or --model) on this Python's standard
+library with one ingredient changed from the reference recipe ``B``; every run sees the same number
+of training tokens. Each result is then scored by ``t2r eval`` on two held-out corpora (the stdlib
+modules held out of training, and English prose no run trains on) beside the teacher on the same
+tokens; window hybrids also with their GSA branch and their window switched off. Runs go to the
+GPUs in parallel (``--per-gpu`` at a time on each). Prints a markdown table; everything is kept
+under --out (``ROW/run_summary.json``, ``ROW/eval.json``, ``results.json``, ``table.md``).
+
+    python scripts/quality_ablation.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --out OUT \\
+        --tokens 5e6 --rows B,identity,window64 --gpus 0,1 --per-gpu 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "smollm2-135m-gsa.yaml"
+
+# The reference recipe B: a layer close to the teacher (RoPE kept, a learnable per-head linear map on
+# q and k that starts as the identity, identity v, no output norm, f_proj initialised from the keys),
+# attention transfer of the new parameters, then a full finetune with next-token loss + KL.
+B_CONVERSION = dict(num_slots=64, gate_logit_normalizer=8, feature_map="linear", use_rope=True,
+                    v_activation="identity", output_norm=False, gate_source="f_proj", f_proj_init="key",
+                    window_size=0, softmax_layers="none")
+PAPER_CONVERSION = dict(num_slots=64, gate_logit_normalizer=8, feature_map="swish", use_rope=False,
+                        v_activation="silu", output_norm=True, gate_source="f_proj", f_proj_init="random",
+                        window_size=0, softmax_layers="none")
+TRANSFER = dict(name="attention_transfer", lr=1e-2, warmup_steps=10, schedule="cosine")
+FINETUNE = dict(name="finetune", lr=3e-4, warmup_steps=20, schedule="cosine", lora=None, kl_weight=1.0)
+LORA = dict(rank=8, alpha=16, dropout=0.0)
+
+# name -> (what changes from B, conversion overrides, transfer overrides or None to drop it, finetune overrides)
+ROWS = {
+    "B": ("reference: linear map, RoPE, id v, no norm, f_proj from keys; transfer; full FT + KL", {}, {}, {}),
+    "window64": ("B + 64-token softmax window in each layer (hybrid)", dict(window_size=64), {}, {}),
+    "identity": ("feature map identity (transfer trains only the gates)", dict(feature_map="identity"), {}, {}),
+    "hedgehog": ("feature map hedgehog (softmax of a learned projection)", dict(feature_map="hedgehog"), {}, {}),
+    "softmax": ("feature map softmax over the head dim (Liger, no params)", dict(feature_map="softmax"), {}, {}),
+    "key-gate": ("gates pooled from the key projection, no f_proj (Liger)", dict(gate_source="key"), {}, {}),
+    "fproj-random": ("f_proj initialised at random", dict(f_proj_init="random"), {}, {}),
+    "no-rope": ("RoPE dropped in the GSA layer", dict(use_rope=False), {}, {}),
+    "lora": ("LoRA r=8 on q/k/v/o (lr 1e-3) instead of a full finetune", {}, {}, dict(lora=LORA, lr=1e-3)),
+    "no-kl": ("next-token loss only (kl_weight 0)", {}, {}, dict(kl_weight=0.0)),
+    "no-transfer": ("no attention-transfer stage (all tokens in the finetune)", {}, None, {}),
+    "paper": ("the GSA paper's layer (swish, no RoPE, SiLU v, output norm, random f_proj)", "paper", {}, {}),
+    "window64-lora": ("window64 with LoRA r=8 (lr 1e-3)", dict(window_size=64), {}, dict(lora=LORA, lr=1e-3)),
+    "tau16": ("gate logit normalizer 16", dict(gate_logit_normalizer=16), {}, {}),
+}
+
+
+MAX_DOCUMENTS = None  # --max-documents (smoke tests)
+
+
+def row_overrides(name: str, model: str, tokens: float, seq_len: int, micro: int, transfer_tokens: float,
+                  cache: Path) -> list[str]:
+    _, conv, transfer, finetune = ROWS[name]
+    conversion = dict(PAPER_CONVERSION if conv == "paper" else {**B_CONVERSION, **conv})
+    per_step = seq_len * micro
+    total = max(2, round(tokens / per_step))
+    stages = []
+    if transfer is not None:
+        t_steps = max(1, round(transfer_tokens / per_step))
+        stages.append({**TRANSFER, **transfer, "steps": t_steps})
+        total -= t_steps
+    stages.append({**FINETUNE, **finetune, "steps": total})
+    sets = {"model.source": model, "model.conversion": conversion, "stages": stages, "data.seq_len": seq_len,
+            "batch.micro_batch_size": micro, "batch.grad_accum": 1, "eval.max_batches": 2, "eval.before": False, "eval.teacher": False,
+            "eval.every_steps": 100000, "checkpoint.every_steps": 100000, "logging.progress_bar": False,
+            "logging.tensorboard": False, "data.num_proc": 4, "data.cache_dir": str(cache),
+            **({"data.max_documents": MAX_DOCUMENTS} if MAX_DOCUMENTS else {})}
+    return [f"{k}={json.dumps(v)}" for k, v in sets.items()]
+
+
+def launch(cmd: list[str], gpu: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="the teacher: alias, folder or .gguf")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    ap.add_argument("--tokens", type=float, default=5e6, help="training tokens per row (both stages)")
+    ap.add_argument("--transfer-tokens", type=float, default=1e6, help="of which attention transfer")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--gpus", default="0", help="comma-separated CUDA devices")
+    ap.add_argument("--per-gpu", type=int, default=3, help="runs at a time on each GPU")
+    ap.add_argument("--eval-rows", type=int, default=32, help="rows of --seq-len scored per corpus")
+    ap.add_argument("--untrained", default="", help="rows also scored right after conversion, untrained")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="launch nothing that cannot end by then")
+    ap.add_argument("--generate", default="", help="rows to sample generations from")
+    ap.add_argument("--max-documents", type=int, default=None, help="training corpus cut (smoke tests)")
+    args = ap.parse_args()
+    global MAX_DOCUMENTS
+    MAX_DOCUMENTS = args.max_documents
+    start = time.time()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "cache"
+    py = [sys.executable, "-m", "t2r.cli"]
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    # tokenize once for every run (the runs share data.cache_dir)
+    first = row_overrides(rows[0], args.model, 2 * args.seq_len * args.micro_batch, args.seq_len, args.micro_batch,
+                          0, cache)
+    prep = subprocess.run(py + ["finetune", str(CONFIG), "--output-dir", str(out / "_prep"), "--set",
+                                "stages=[{name: finetune, steps: 1, lr: 1.0e-9, lora: null}]"]
+                          + [a for s in first if not s.startswith("stages=") for a in ("--set", s)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if prep.returncode:
+        print(prep.stdout[-3000:], prep.stderr[-3000:])
+        return 1
+    print(f"data ready in {time.time() - start:.0f}s", flush=True)
+    gpus = args.gpus.split(",")
+    slots = {g: [] for g in gpus}
+    queue = [("train", r) for r in rows] + [("untrained", r) for r in args.untrained.split(",") if r]
+    running: list[tuple[subprocess.Popen, str, str, float]] = []
+    durations = []
+    while queue or running:
+        for p, kind, name, t0 in list(running):
+            if p.poll() is not None:
+                running.remove((p, kind, name, t0))
+                for g in gpus:
+                    if p in slots[g]:
+                        slots[g].remove(p)
+                durations.append(time.time() - t0)
+                print(f"{kind} {name}: exit {p.returncode} after {time.time() - t0:.0f}s", flush=True)
+        while queue:
+            free = [g for g in gpus if len(slots[g]) < args.per_gpu]
+            if not free:
+                break
+            expect = max(durations) if durations else 0
+            if time.time() - start + expect > args.deadline_s:
+                print(f"deadline: not launching {[q[1] for q in queue]}", flush=True)
+                queue.clear()
+                break
+            kind, name = queue.pop(0)
+            gpu = min(free, key=lambda g: len(slots[g]))
+            folder = out / (name if kind == "train" else f"untrained-{name}")
+            folder.mkdir(exist_ok=True)
+            ov = row_overrides(name, args.model, args.tokens, args.seq_len, args.micro_batch, args.transfer_tokens,
+                               cache)
+            eval_cmd = py + ["eval", str(folder / ("model" if kind == "train" else "converted")), "--seq-len",
+                             str(args.seq_len), "--max-rows", str(args.eval_rows), "--branches", "--out",
+                             str(folder / "eval.json")]
+            if kind == "train":
+                train = py + ["finetune", str(CONFIG), "--output-dir", str(folder)] + [a for s in ov for a in
+                                                                                        ("--set", s)]
+                script = f"{' '.join(map(_q, train))} && {' '.join(map(_q, eval_cmd))}"
+            else:
+                conv = json.loads(next(s for s in ov if s.startswith("model.conversion="))
+                                  .split("=", 1)[1])
+                flags = [a for k, v in conv.items() for a in _flag(k, v)]
+                convert = py + ["convert", args.model, "--out", str(folder / "converted"), "--overwrite"] + flags
+                script = f"{' '.join(map(_q, convert))} && {' '.join(map(_q, eval_cmd))}"
+            p = launch(["bash", "-c", script], gpu, folder / "log.txt")
+            slots[gpu].append(p)
+            running.append((p, kind, name, time.time()))
+        time.sleep(2)
+    # the teacher on the same rows
+    teacher = subprocess.run(py + ["eval", args.model, "--seq-len", str(args.seq_len), "--max-rows",
+                                   str(args.eval_rows), "--out", str(out / "teacher_eval.json")],
+                             capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[0]})
+    if teacher.returncode:
+        print(teacher.stdout[-2000:], teacher.stderr[-2000:])
+    for name in [r for r in args.generate.split(",") if r]:
+        gen_samples(py, out, name, gpus[0])
+    table = summarize(out, rows, [r for r in args.untrained.split(",") if r])
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"total {time.time() - start:.0f}s")
+    return 0
+
+
+def _q(s: str) -> str:
+    import shlex
+
+    return shlex.quote(str(s))
+
+
+def _flag(key: str, value) -> list[str]:
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + key.replace("_", "-")]
+    return [flag, str(value)]
+
+
+PROMPTS = ["What is the capital of France?", "def fibonacci(n):",
+           "Once upon a time, in a small village by the sea,"]
+
+
+def gen_samples(py, out: Path, name: str, gpu: str) -> None:
+    folder = out / name
+    model = folder / "model" if (folder / "model").is_dir() else Path(name)
+    texts = []
+    for prompt in PROMPTS:
+        r = subprocess.run(py + ["generate", str(model), "--prompt", prompt, "--max-new-tokens", "48"],
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+        texts.append({"prompt": prompt, "completion": r.stdout.strip(), "error": r.returncode and r.stderr[-500:]})
+    (out / f"generations-{name.replace('/', '_')}.json").write_text(json.dumps(texts, indent=1))
+
+
+def summarize(out: Path, rows: list[str], untrained: list[str]) -> str:
+    teacher = json.loads((out / "teacher_eval.json").read_text())["corpora"] if (out / "teacher_eval.json").is_file() \
+        else {}
+    lines = ["| row | what changes from B | tokens | stdlib ppl (x teacher) | prose ppl (x teacher) | "
+             "GSA only: stdlib / prose | window only: stdlib / prose | transfer err. before -> after | "
+             "finetune tok/s |", "|---" * 9 + "|"]
+    t_line = " | ".join(f"{teacher[c]['model']:.2f}" if c in teacher else "-" for c in ("python-stdlib", "english-prose"))
+    lines.append(f"| teacher | softmax attention | - | {t_line} | | | | |")
+    results = {"teacher": teacher, "rows": {}}
+    for kind, name in [("train", r) for r in rows] + [("untrained", r) for r in untrained]:
+        folder = out / (name if kind == "train" else f"untrained-{name}")
+        ev = folder / "eval.json"
+        summary = folder / "run_summary.json"
+        if not ev.is_file():
+            lines.append(f"| {name if kind == 'train' else name + ' (untrained)'} | {ROWS[name][0]} | "
+                         "did not finish | | | | | | |")
+            continue
+        e = json.loads(ev.read_text())["corpora"]
+        s = json.loads(summary.read_text()) if summary.is_file() else {}
+
+        def cell(variant, c):
+            if variant not in e.get(c, {}):
+                return "-"
+            ratio = e[c][variant] / teacher[c]["model"] if c in teacher else float("nan")
+            return f"{e[c][variant]:.2f} ({ratio:.2f}x)"
+
+        tr = s.get("transfer_error_per_layer", {})
+        terr = (f"{sum(tr['before']) / len(tr['before']):.3g} -> {sum(tr['after']) / len(tr['after']):.3g}"
+                if "before" in tr and "after" in tr else "-")
+        tps = (s.get("train_tokens_per_s") or {}).get("finetune")
+        tps = f"{round(tps):,}" if tps else "-"
+        label = name if kind == "train" else f"{name} (untrained)"
+        lines.append(f"| {label} | {ROWS[name][0]} | {s.get('tokens_seen', 0):,} | {cell('model', 'python-stdlib')} | "
+                     f"{cell('model', 'english-prose')} | {cell('gsa_only', 'python-stdlib')} / "
+                     f"{cell('gsa_only', 'english-prose')} | {cell('window_only', 'python-stdlib')} / "
+                     f"{cell('window_only', 'english-prose')} | {terr} | {tps} |")
+        results["rows"][label] = {"eval": e, "summary": s}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""``t2r eval MODEL [--teacher SRC] [--corpus ...]``: held-out perplexity of a model beside its teacher.
+
+MODEL is a converted folder, a finetune run's output folder (its ``model/``), an export, or any
+supported checkpoint (alias, Hub id, local folder). The teacher is loaded as it is and run through
+t2r's softmax-only conversion, which reproduces it exactly and honours packed-document
+boundaries, so both score the same tokens under the same masks. Corpora: ``python-stdlib`` (the
+modules a finetune holds out with ``held_out``), ``english-prose`` (four public-domain books: text
+no finetune on code has seen), or local files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..hub import T2RError
+
+CORPUS_NAMES = ("python-stdlib", "english-prose")
+
+
+def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = False):
+    """(model, tokenizer) from a t2r folder, a run folder, or a teacher checkpoint (converted with
+    every layer kept softmax, which reproduces it). ``teacher=True`` always takes the latter route."""
+    import t2r  # noqa: F401  (registers the t2r model type)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
+    from ..hub import resolve_model
+
+    path = Path(source).expanduser()
+    if (path / "run_summary.json").is_file() and (path / "model").is_dir():
+        path = path / "model"
+    config = path / "config.json"
+    torch_dtype = DTYPES[dtype] or ("auto" if torch.device(device).type == "cuda" else torch.float32)
+    if not teacher and config.is_file() and json.loads(config.read_text()).get("model_type") == "t2r":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        teacher_model, tokenizer = load_teacher(resolve_model(str(source)), dtype)
+        model = convert_model(teacher_model, ConversionOptions(softmax_layers="all"), source=str(source))
+        if torch_dtype != "auto":
+            model = model.to(torch_dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def eval_rows(corpus: str, tokenizer, seq_len: int, max_rows: int, held_out: float = 0.05):
+    """Packed rows of a corpus's held-out part: python-stdlib's held-out modules (the same split as a
+    finetune with this ``held_out``), all of english-prose, or local files (all of them)."""
+    from ..train.config import DataConfig
+    from ..train.data import load_documents, tokenize_and_pack
+
+    if corpus in CORPUS_NAMES:
+        cfg = DataConfig(dataset=corpus, held_out=held_out if corpus == "python-stdlib" else 0, seq_len=seq_len)
+    else:
+        cfg = DataConfig(files=[corpus], held_out=0, seq_len=seq_len)
+    train, held = load_documents(cfg)
+    docs = held if held is not None else train
+    rows = tokenize_and_pack(docs, tokenizer, cfg, None)
+    if len(rows) == 0:
+        raise T2RError(f"{corpus}: its held-out text is shorter than one row of {seq_len} tokens; lower --seq-len")
+    return list(rows.select(range(min(max_rows, len(rows)))))
+
+
+def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_len: int = 2048, max_rows: int = 32,
+             batch_size: int = 4, device: str | None = None, dtype: str = "auto", branches: bool = False,
+             log=print) -> dict:
+    """Perplexities of the model (and teacher) on each corpus; with ``branches``, a windowed model's
+    GSA-only and window-only ablations too. Returns the JSON-able result."""
+    from ..generation import pick_device
+    from .perplexity import perplexity
+
+    dev = pick_device(device)
+    model, tokenizer = load_model_any(model_src, dev, dtype)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = {c: eval_rows(c, tokenizer, seq_len, max_rows) for c in corpora}
+    result = {"model": str(model_src), "teacher": teacher_src, "seq_len": seq_len, "corpora": {}}
+    variants = {"model": {}}
+    if branches and getattr(model.config, "window_size", 0):
+        variants.update({"gsa_only": {"window": False}, "window_only": {"gsa": False}})
+    for corpus, r in rows.items():
+        entry = result["corpora"].setdefault(corpus, {})
+        for name, switch in variants.items():
+            ctx = model.window_branches(**switch) if switch else torch.no_grad()
+            with ctx:
+                entry[name], entry["tokens"] = perplexity(model, r, batch_size, pad, dev)
+    del model
+    if teacher_src:
+        teacher, _ = load_model_any(teacher_src, dev, dtype, teacher=True)
+        for corpus, r in rows.items():
+            entry = result["corpora"][corpus]
+            entry["teacher"], _ = perplexity(teacher, r, batch_size, pad, dev)
+            entry["ratio"] = entry["model"] / entry["teacher"]
+    log(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    cols = ["model", "gsa_only", "window_only", "teacher", "ratio"]
+    present = [c for c in cols if any(c in e for e in result["corpora"].values())]
+    lines = ["| corpus | tokens | " + " | ".join(present) + " |", "|---" * (len(present) + 2) + "|"]
+    for corpus, e in result["corpora"].items():
+        cells = [f"{e[c]:.3f}" + ("x" if c == "ratio" else "") if c in e and math.isfinite(e[c]) else "-"
+                 for c in present]
+        lines.append(f"| {corpus} | {e['tokens']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    result = evaluate(args.model, args.teacher, args.corpus or list(CORPUS_NAMES), args.seq_len, args.max_rows,
+                      args.batch_size, args.device, args.dtype, args.branches)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="held-out perplexity of a model beside its teacher, on the same tokens")
+    p.add_argument("model", help="converted folder, finetune output folder, export, or alias / Hub id / checkpoint")
+    p.add_argument("--teacher", default=None, help="the teacher (alias, Hub id, folder) scored on the same rows")
+    p.add_argument("--corpus", action="append", default=None,
+                   help=f"{' or '.join(CORPUS_NAMES)} or a local file/glob; repeat for several (default: both)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default %(default)s)")
+    p.add_argument("--max-rows", type=int, default=32, help="rows scored per corpus (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per forward (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--branches", action="store_true",
+                   help="for a window hybrid, also score its GSA-only and window-only ablations")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
