@@ -9,7 +9,9 @@ GPUs in parallel (``--per-gpu`` at a time on each). Prints a markdown table; eve
 under --out (``ROW/run_summary.json``, ``ROW/eval.json``, ``results.json``, ``table.md``).
 
     python scripts/quality_ablation.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf --out OUT \\
-        --tokens 5e6 --rows B,identity,window64 --gpus 0,1 --per-gpu 4
+        --tokens 5e6 --rows B@20e6,B,identity,window64 --gpus 0,1 --per-gpu 3
+
+A row written ``NAME@TOKENS`` trains on TOKENS instead of --tokens (its folder: NAME-20M ...).
 """
 from __future__ import annotations
 
@@ -57,6 +59,17 @@ ROWS = {
 
 
 MAX_DOCUMENTS = None  # --max-documents (smoke tests)
+
+
+def parse_row(spec: str, default_tokens: float) -> tuple[str, float, str]:
+    """'B@20e6' -> ('B', 20e6, 'B-20M'); 'B' -> ('B', default, 'B')."""
+    name, _, tokens = spec.partition("@")
+    if name not in ROWS:
+        raise SystemExit(f"unknown row {name!r}; choose from {', '.join(ROWS)}")
+    if not tokens:
+        return name, default_tokens, name
+    n = float(tokens)
+    return name, n, f"{name}-{n / 1e6:g}M"
 
 
 def row_overrides(name: str, model: str, tokens: float, seq_len: int, micro: int, transfer_tokens: float,
@@ -108,12 +121,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     py = [sys.executable, "-m", "t2r.cli"]
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    rows = [parse_row(r, args.tokens) for r in args.rows.split(",") if r]
+    untrained = [parse_row(r, 0) for r in args.untrained.split(",") if r]
     # tokenize once for every run (the runs share data.cache_dir)
-    first = row_overrides(rows[0], args.model, 2 * args.seq_len * args.micro_batch, args.seq_len, args.micro_batch,
+    first = row_overrides(rows[0][0], args.model, 2 * args.seq_len * args.micro_batch, args.seq_len, args.micro_batch,
                           0, cache)
     prep = subprocess.run(py + ["finetune", str(CONFIG), "--output-dir", str(out / "_prep"), "--set",
                                 "stages=[{name: finetune, steps: 1, lr: 1.0e-9, lora: null}]"]
@@ -125,7 +136,7 @@ def main() -> int:
     print(f"data ready in {time.time() - start:.0f}s", flush=True)
     gpus = args.gpus.split(",")
     slots = {g: [] for g in gpus}
-    queue = [("train", r) for r in rows] + [("untrained", r) for r in args.untrained.split(",") if r]
+    queue = [("train", r) for r in rows] + [("untrained", r) for r in untrained]
     running: list[tuple[subprocess.Popen, str, str, float]] = []
     durations = []
     while queue or running:
@@ -146,11 +157,11 @@ def main() -> int:
                 print(f"deadline: not launching {[q[1] for q in queue]}", flush=True)
                 queue.clear()
                 break
-            kind, name = queue.pop(0)
+            kind, (name, tokens, label) = queue.pop(0)
             gpu = min(free, key=lambda g: len(slots[g]))
-            folder = out / (name if kind == "train" else f"untrained-{name}")
+            folder = out / (label if kind == "train" else f"untrained-{label}")
             folder.mkdir(exist_ok=True)
-            ov = row_overrides(name, args.model, args.tokens, args.seq_len, args.micro_batch, args.transfer_tokens,
+            ov = row_overrides(name, args.model, tokens, args.seq_len, args.micro_batch, args.transfer_tokens,
                                cache)
             eval_cmd = py + ["eval", str(folder / ("model" if kind == "train" else "converted")), "--seq-len",
                              str(args.seq_len), "--max-rows", str(args.eval_rows), "--branches", "--out",
@@ -167,7 +178,7 @@ def main() -> int:
                 script = f"{' '.join(map(_q, convert))} && {' '.join(map(_q, eval_cmd))}"
             p = launch(["bash", "-c", script], gpu, folder / "log.txt")
             slots[gpu].append(p)
-            running.append((p, kind, name, time.time()))
+            running.append((p, kind, label, time.time()))
         time.sleep(2)
     # the teacher on the same rows
     teacher = subprocess.run(py + ["eval", args.model, "--seq-len", str(args.seq_len), "--max-rows",
@@ -176,9 +187,9 @@ def main() -> int:
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[0]})
     if teacher.returncode:
         print(teacher.stdout[-2000:], teacher.stderr[-2000:])
-    for name in [r for r in args.generate.split(",") if r]:
-        gen_samples(py, out, name, gpus[0])
-    table = summarize(out, rows, [r for r in args.untrained.split(",") if r])
+    for spec in [r for r in args.generate.split(",") if r]:
+        gen_samples(py, out, parse_row(spec, args.tokens)[2], gpus[0])
+    table = summarize(out, rows, untrained)
     (out / "table.md").write_text(table + "\n")
     print(table)
     print(f"total {time.time() - start:.0f}s")
@@ -204,7 +215,9 @@ PROMPTS = ["What is the capital of France?", "def fibonacci(n):",
 
 def gen_samples(py, out: Path, name: str, gpu: str) -> None:
     folder = out / name
-    model = folder / "model" if (folder / "model").is_dir() else Path(name)
+    if not (folder / "model").is_dir():
+        return
+    model = folder / "model"
     texts = []
     for prompt in PROMPTS:
         r = subprocess.run(py + ["generate", str(model), "--prompt", prompt, "--max-new-tokens", "48"],
@@ -213,7 +226,7 @@ def gen_samples(py, out: Path, name: str, gpu: str) -> None:
     (out / f"generations-{name.replace('/', '_')}.json").write_text(json.dumps(texts, indent=1))
 
 
-def summarize(out: Path, rows: list[str], untrained: list[str]) -> str:
+def summarize(out: Path, rows: list, untrained: list) -> str:
     teacher = json.loads((out / "teacher_eval.json").read_text())["corpora"] if (out / "teacher_eval.json").is_file() \
         else {}
     lines = ["| row | what changes from B | tokens | stdlib ppl (x teacher) | prose ppl (x teacher) | "
@@ -222,12 +235,12 @@ def summarize(out: Path, rows: list[str], untrained: list[str]) -> str:
     t_line = " | ".join(f"{teacher[c]['model']:.2f}" if c in teacher else "-" for c in ("python-stdlib", "english-prose"))
     lines.append(f"| teacher | softmax attention | - | {t_line} | | | | |")
     results = {"teacher": teacher, "rows": {}}
-    for kind, name in [("train", r) for r in rows] + [("untrained", r) for r in untrained]:
-        folder = out / (name if kind == "train" else f"untrained-{name}")
+    for kind, (name, _, label) in [("train", r) for r in rows] + [("untrained", r) for r in untrained]:
+        folder = out / (label if kind == "train" else f"untrained-{label}")
         ev = folder / "eval.json"
         summary = folder / "run_summary.json"
         if not ev.is_file():
-            lines.append(f"| {name if kind == 'train' else name + ' (untrained)'} | {ROWS[name][0]} | "
+            lines.append(f"| {label if kind == 'train' else label + ' (untrained)'} | {ROWS[name][0]} | "
                          "did not finish | | | | | | |")
             continue
         e = json.loads(ev.read_text())["corpora"]
@@ -244,7 +257,7 @@ def summarize(out: Path, rows: list[str], untrained: list[str]) -> str:
                 if "before" in tr and "after" in tr else "-")
         tps = (s.get("train_tokens_per_s") or {}).get("finetune")
         tps = f"{round(tps):,}" if tps else "-"
-        label = name if kind == "train" else f"{name} (untrained)"
+        label = label if kind == "train" else f"{label} (untrained)"
         lines.append(f"| {label} | {ROWS[name][0]} | {s.get('tokens_seen', 0):,} | {cell('model', 'python-stdlib')} | "
                      f"{cell('model', 'english-prose')} | {cell('gsa_only', 'python-stdlib')} / "
                      f"{cell('gsa_only', 'english-prose')} | {cell('window_only', 'python-stdlib')} / "
