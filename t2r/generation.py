@@ -16,14 +16,20 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
-    """(model, tokenizer) from a converted folder, on ``device``, in eval mode."""
+    """(model, tokenizer) from a converted folder, on ``device``, in eval mode. A teacher alias or
+    checkpoint (``smollm2-135m``, a .gguf) runs as itself, through the softmax-only conversion."""
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .convert import DTYPES
+    from .hub import ALIASES
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
+        if str(model_dir).lower() in ALIASES or path.suffix == ".gguf":
+            from .eval.command import load_model_any
+
+            return load_model_any(str(model_dir), pick_device(device), dtype, teacher=True)
         raise T2RError(f"{path} is not a model folder (no config.json); convert one first: t2r convert MODEL --out DIR")
     dev = pick_device(device)
     torch_dtype = DTYPES[dtype] or ("auto" if dev.type == "cuda" else torch.float32)

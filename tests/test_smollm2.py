@@ -50,3 +50,38 @@ def test_convert_save_load_under_two_minutes(tmp_path):
     elapsed = time.time() - start
     assert isinstance(model, T2RForCausalLM) and model.config.gsa_layers == [i for i in range(30) if i not in (0, 15)]
     assert elapsed < 120, elapsed
+
+
+RECIPE = dict(feature_map="linear", use_rope=True, v_activation="identity", output_norm=False)
+
+
+def test_recipe_layer_starts_far_closer_to_the_teacher_than_the_papers(smollm2):
+    """Untrained, on real held-out Python: the layer t2r's configs use (RoPE kept, identity-started
+    feature map, identity v, no output norm, gates from the keys) against the GSA paper's layer."""
+    import copy
+
+    from t2r.eval.command import eval_rows
+    from t2r.eval.perplexity import perplexity
+
+    teacher, tok, _, _ = smollm2
+    rows = eval_rows("python-stdlib", tok, 256, 4)
+    ppl = {}
+    for name, options in {"paper": {}, "recipe": RECIPE, "teacher": dict(softmax_layers="all")}.items():
+        model = convert_model(copy.deepcopy(teacher), ConversionOptions(**options))
+        ppl[name], _ = perplexity(model, rows, 2, tok.eos_token_id, "cpu")
+    assert ppl["teacher"] < 20 and ppl["recipe"] * 10 < ppl["paper"], ppl
+
+
+def test_window_hybrid_is_the_teacher_within_its_window(smollm2):
+    """Inside the window the hybrid is exactly its teacher's softmax attention; after it, GSA adds
+    the older tokens."""
+    import copy
+
+    teacher, _, ids, ref = smollm2
+    W = 16
+    assert ids.shape[1] > W
+    model = convert_model(copy.deepcopy(teacher), ConversionOptions(window_size=W, **RECIPE))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert rel_err(logits[:, :W], ref[:, :W]) < 1e-5
+    assert rel_err(logits[:, W:], ref[:, W:]) > 1e-3

@@ -1,4 +1,4 @@
-"""Gated Slot Attention operators (API: ``../shared/design/gsa.md``).
+"""Gated Slot Attention operators (the formulas: ``naive.py``; the arguments: ``dispatch.chunk_gsa``).
 
     from t2r.kernels.gsa import naive_recurrent_gsa, chunk_gsa, fused_recurrent_gsa
 

@@ -106,6 +106,9 @@ def _about(info: CardInfo) -> list[str]:
     softmax = [i for i in range(L) if i not in gsa]
     H, M, D = c["num_key_value_heads"], c["num_slots"], c["head_dim"]
     state = len(gsa) * H * M * 2 * D * 4
+    window = c.get("window_size") or 0
+    if window:  # the ring buffer of the last W tokens: k, v (teacher's and GSA's), s, g
+        state += len(gsa) * window * H * (4 * D + 2 * M) * {"float32": 4}.get(info.dtype, 2)
     kv_bytes = {"float32": 4}.get(info.dtype, 2)
     kv_token = 2 * H * D * kv_bytes
     what = "A LoRA adapter for a" if info.fmt == "adapter" else "A"
@@ -117,7 +120,7 @@ def _about(info: CardInfo) -> list[str]:
            f"{'keep' if len(softmax) > 1 else 'keeps'} the teacher's softmax attention (a hybrid)." if softmax else "."),
         "",
         f"Decoding memory: the GSA layers carry a recurrent state of {_kib(state)} per sequence whatever the context "
-        "length" + (f", plus a KV cache of {_kib(len(softmax) * kv_token)} per token for the softmax layers"
+        "length" + (f" (slots, and a ring buffer of the last {window} tokens)" if window else "") + (f", plus a KV cache of {_kib(len(softmax) * kv_token)} per token for the softmax layers"
                     if softmax else "")
         + f"; the teacher's KV cache takes {_kib(L * kv_token)} per token ({info.dtype}).",
     ]
@@ -128,10 +131,11 @@ def _about(info: CardInfo) -> list[str]:
 
 
 def _conversion(info: CardInfo) -> list[str]:
+    from ..models import T2RConfig
+
     c = info.config
-    scale = c.get("gsa_scale")
-    if scale is None:
-        scale = 1.0 if c.get("feature_map") == "swish" else c["head_dim"] ** -0.5
+    scale = T2RConfig.from_dict(c).gsa_logit_scale
+    window = c.get("window_size") or 0
     rows = [
         ("teacher", f"`{teacher_name(info)}` ({c.get('base_model_type')})"),
         ("GSA layers", f"{layer_ranges(c.get('gsa_layers') or [])} ({len(c.get('gsa_layers') or [])} of "
@@ -143,6 +147,10 @@ def _conversion(info: CardInfo) -> list[str]:
         ("RoPE in GSA layers", "kept" if c.get("use_rope") else "dropped"),
         ("logit scale", f"{scale:g}"),
         ("output norm", "o_proj(RMSNorm(silu(o))), norm weights in fp32" if c.get("output_norm") else "none"),
+        ("gate logits", "f_proj (initialised from the key projection)" if c.get("gate_source", "f_proj") == "f_proj"
+         and c.get("f_proj_init") == "key" else "f_proj" if c.get("gate_source", "f_proj") == "f_proj"
+         else "pooled from the key projection"),
+        ("window", f"exact softmax over the last {window} tokens + GSA for older ones" if window else "none"),
         ("heads / kv heads / head dim", f"{c['num_attention_heads']} / {c['num_key_value_heads']} / {c['head_dim']}"),
         ("weights dtype", info.dtype),
     ]
