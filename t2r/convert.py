@@ -192,7 +192,10 @@ def describe(model: T2RForCausalLM, options: ConversionOptions) -> str:
 
 def convert(model_name: str, out_dir: str | Path, options: ConversionOptions | None = None,
             overwrite: bool = False, log=print) -> T2RForCausalLM:
-    """``t2r convert``: resolve, load the teacher, convert, save (safetensors) with its tokenizer."""
+    """``t2r convert``: resolve, load the teacher, convert, save (safetensors) with its tokenizer and the
+    modeling code (``auto_map``: the folder loads by path without ``import t2r``)."""
+    from .export.remote_code import make_loadable_by_path
+
     options = options or ConversionOptions()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -205,6 +208,7 @@ def convert(model_name: str, out_dir: str | Path, options: ConversionOptions | N
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_loadable_by_path(out)
     log(describe(model, options))
     log(f"saved to {out} in {time.time() - start:.1f}s")
     return model

@@ -85,3 +85,16 @@ def test_window_hybrid_is_the_teacher_within_its_window(smollm2):
         logits = model(ids).logits
     assert rel_err(logits[:, :W], ref[:, :W]) < 1e-5
     assert rel_err(logits[:, W:], ref[:, W:]) > 1e-3
+
+
+def test_teacher_recalls_what_the_recall_probes_hide(smollm2):
+    """The probes measure something at this size: the real teacher finds the pairs and the pass key
+    in short contexts (so what a conversion loses there is the conversion's)."""
+    import copy
+
+    from t2r.eval.recall import recall_grid
+
+    teacher, tok, _, _ = smollm2
+    model = convert_model(copy.deepcopy(teacher), ConversionOptions(softmax_layers="all"))
+    assert min(recall_grid(model, tok, "mqar", [(4, 0), (16, 0)], 2, "cpu").values()) >= 0.9
+    assert min(recall_grid(model, tok, "passkey", [(256, 0.5), (512, 0.0)], 2, "cpu").values()) == 1.0

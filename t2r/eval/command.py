@@ -1,4 +1,4 @@
-"""``t2r eval MODEL [--teacher SRC] [--corpus ...]``: held-out perplexity of a model beside its teacher.
+"""``t2r eval MODEL [--teacher SRC] [--tasks ppl,mqar,passkey] [--corpus ...]``: a model beside its teacher.
 
 MODEL is a converted folder, a finetune run's output folder (its ``model/``), an export, or any
 supported checkpoint (alias, Hub id, local folder). The teacher is loaded as it is and run through
@@ -64,34 +64,49 @@ def eval_rows(corpus: str, tokenizer, seq_len: int, max_rows: int, held_out: flo
     return list(rows.select(range(min(max_rows, len(rows)))))
 
 
+TASKS = ("ppl", "mqar", "passkey")
+
+
 def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_len: int = 2048, max_rows: int = 32,
              batch_size: int = 4, device: str | None = None, dtype: str = "auto", branches: bool = False,
-             log=print) -> dict:
-    """Perplexities of the model (and teacher) on each corpus; with ``branches``, a windowed model's
-    GSA-only and window-only ablations too. Returns the JSON-able result."""
+             tasks: tuple[str, ...] = ("ppl",), samples: int = 3, log=print) -> dict:
+    """Perplexities on each corpus (``ppl``) and in-context recall grids (``mqar``, ``passkey``) of the
+    model and of its teacher on the same tokens; with ``branches``, a windowed model's GSA-only and
+    window-only perplexities too. Returns the JSON-able result."""
     from ..generation import pick_device
     from .perplexity import perplexity
+    from .recall import MQAR_CELLS, PASSKEY_CELLS, recall_grid
 
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise T2RError(f"unknown eval task(s) {bad}; choose from {', '.join(TASKS)}")
     dev = pick_device(device)
-    model, tokenizer = load_model_any(model_src, dev, dtype)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = {c: eval_rows(c, tokenizer, seq_len, max_rows) for c in corpora}
-    result = {"model": str(model_src), "teacher": teacher_src, "seq_len": seq_len, "corpora": {}}
-    variants = {"model": {}}
-    if branches and getattr(model.config, "window_size", 0):
-        variants.update({"gsa_only": {"window": False}, "window_only": {"gsa": False}})
-    for corpus, r in rows.items():
-        entry = result["corpora"].setdefault(corpus, {})
-        for name, switch in variants.items():
-            ctx = model.window_branches(**switch) if switch else torch.no_grad()
-            with ctx:
-                entry[name], entry["tokens"] = perplexity(model, r, batch_size, pad, dev)
-    del model
-    if teacher_src:
-        teacher, _ = load_model_any(teacher_src, dev, dtype, teacher=True)
-        for corpus, r in rows.items():
-            entry = result["corpora"][corpus]
-            entry["teacher"], _ = perplexity(teacher, r, batch_size, pad, dev)
+    result = {"model": str(model_src), "teacher": teacher_src, "seq_len": seq_len, "corpora": {}, "recall": {}}
+    rows = None
+    for who, src in (("model", model_src), ("teacher", teacher_src)):
+        if src is None:
+            continue
+        model, tokenizer = load_model_any(src, dev, dtype, teacher=who == "teacher")
+        model.eval()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if "ppl" in tasks:
+            rows = rows or {c: eval_rows(c, tokenizer, seq_len, max_rows) for c in corpora}
+            variants = {who: {}}
+            if who == "model" and branches and getattr(model.config, "window_size", 0):
+                variants.update({"gsa_only": {"window": False}, "window_only": {"gsa": False}})
+            for corpus, r in rows.items():
+                entry = result["corpora"].setdefault(corpus, {})
+                for name, switch in variants.items():
+                    with model.window_branches(**switch) if switch else torch.no_grad():
+                        entry[name], entry["tokens"] = perplexity(model, r, batch_size, pad, dev)
+        for task, cells in (("mqar", MQAR_CELLS), ("passkey", PASSKEY_CELLS)):
+            if task in tasks:
+                grid = recall_grid(model, tokenizer, task, cells, samples, dev)
+                for cell, acc in grid.items():
+                    result["recall"].setdefault(task, {}).setdefault(cell, {})[who] = acc
+        del model
+    for entry in result["corpora"].values():
+        if "teacher" in entry:
             entry["ratio"] = entry["model"] / entry["teacher"]
     log(format_table(result))
     return result
@@ -100,17 +115,25 @@ def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_le
 def format_table(result: dict) -> str:
     cols = ["model", "gsa_only", "window_only", "teacher", "ratio"]
     present = [c for c in cols if any(c in e for e in result["corpora"].values())]
-    lines = ["| corpus | tokens | " + " | ".join(present) + " |", "|---" * (len(present) + 2) + "|"]
-    for corpus, e in result["corpora"].items():
-        cells = [f"{e[c]:.3f}" + ("x" if c == "ratio" else "") if c in e and math.isfinite(e[c]) else "-"
-                 for c in present]
-        lines.append(f"| {corpus} | {e['tokens']:,} | " + " | ".join(cells) + " |")
+    lines = []
+    if result["corpora"]:
+        lines += ["| corpus | tokens | " + " | ".join(present) + " |", "|---" * (len(present) + 2) + "|"]
+        for corpus, e in result["corpora"].items():
+            cells = [f"{e[c]:.3f}" + ("x" if c == "ratio" else "") if c in e and math.isfinite(e[c]) else "-"
+                     for c in present]
+            lines.append(f"| {corpus} | {e['tokens']:,} | " + " | ".join(cells) + " |")
+    for task, grid in result.get("recall", {}).items():
+        lines += ["", f"| {task} (accuracy) | model | teacher |", "|---|---|---|"]
+        for cell, e in grid.items():
+            lines.append(f"| {cell} | " + " | ".join(f"{e[w]:.0%}" if w in e else "-" for w in ("model", "teacher"))
+                         + " |")
     return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     result = evaluate(args.model, args.teacher, args.corpus or list(CORPUS_NAMES), args.seq_len, args.max_rows,
-                      args.batch_size, args.device, args.dtype, args.branches)
+                      args.batch_size, args.device, args.dtype, args.branches, tasks, args.samples)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
@@ -130,5 +153,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--branches", action="store_true",
                    help="for a window hybrid, also score its GSA-only and window-only ablations")
+    p.add_argument("--tasks", default="ppl", help="comma-separated: ppl (held-out perplexity), mqar (multi-query "
+                   "associative recall), passkey (a number hidden in filler text) (default %(default)s)")
+    p.add_argument("--samples", type=int, default=3, help="contexts per mqar/passkey cell (default %(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)

@@ -261,3 +261,17 @@ def write_remote_code(folder: Path) -> tuple[list[str], list[str]]:
         (folder / name).write_text(text, encoding="utf-8")
     check_loadable(folder, sorted(files))
     return sorted(files), notes
+
+
+def make_loadable_by_path(folder: Path) -> list[str]:
+    """Give a saved model folder (``t2r convert``'s output, a run's ``model/`` and ``base/``) the flat
+    modeling files and ``config.json``'s ``auto_map``, as exports have, so tools that load models by
+    path without importing t2r open it with ``trust_remote_code=True``. Returns the files written."""
+    import json
+
+    names, _ = write_remote_code(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = dict(AUTO_MAP)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return names

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..hub import ALIAS_LICENSES, T2RError
+from ..export.remote_code import make_loadable_by_path
 from ..models.modeling_t2r import keeps_fp32
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
@@ -177,6 +178,7 @@ class Run:
         model.save_pretrained(tmp, state_dict=state_dict)
         _plain_architectures(tmp / "config.json")
         self.tokenizer.save_pretrained(tmp)
+        make_loadable_by_path(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 
@@ -284,10 +286,12 @@ class Run:
     def transfer_report(self, key: str) -> None:
         """Each GSA layer's attention-transfer error (mean over held-out tokens of the per-token
         mean squared error of its output against the teacher's softmax attention) in evals[key]."""
-        if not self.eval_rows:
-            return
         acc, core = self.accelerator, self.accelerator.unwrap_model(self.model)
-        rows = self.eval_rows[acc.process_index::acc.num_processes][: 4 * self.config.batch.micro_batch_size]
+        # the same number of rows on every process (sharded layers gather in step)
+        per_process = min(len(self.eval_rows) // acc.num_processes, 4 * self.config.batch.micro_batch_size)
+        if per_process == 0:
+            return
+        rows = self.eval_rows[acc.process_index::acc.num_processes][:per_process]
         sums, tokens = None, torch.zeros((), device=acc.device)
         for i in range(0, len(rows), self.config.batch.micro_batch_size):
             batch = {k: v.to(acc.device) for k, v in collate(rows[i:i + self.config.batch.micro_batch_size],

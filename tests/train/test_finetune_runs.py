@@ -37,6 +37,13 @@ def test_run_writes_a_model_an_adapter_and_a_summary(tiny_run):
     assert ev["ppl_after"] < ev["converted_ppl_before"]  # finetuning helps on held-out modules
     assert summary["tokens_seen"] == 10 * 8 * 128 and [s["steps"] for s in summary["stages"]] == [4, 6]
     assert "held-out perplexity teacher_ppl" in r.stdout
+    # attention transfer lowered every layer's error on held-out rows, and the summary says so per layer
+    errors = summary["transfer_error_per_layer"]
+    assert len(errors["before"]) == len(errors["after"]) == 3 and sum(errors["after"]) < sum(errors["before"])
+    # OUTPUT/model and OUTPUT/base load by path without t2r (the modeling code and auto_map beside them)
+    for folder in ("model", "base"):
+        assert "auto_map" in json.loads((out / folder / "config.json").read_text())
+        assert (out / folder / "modeling_t2r.py").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
     ids = torch.randint(2, 258, (2, 33))
