@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .hub import ModelSource, T2RError, resolve_model
 from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM
+from .paths import check_out_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -194,9 +195,8 @@ def convert(model_name: str, out_dir: str | Path, options: ConversionOptions | N
             overwrite: bool = False, log=print) -> T2RForCausalLM:
     """``t2r convert``: resolve, load the teacher, convert, save (safetensors) with its tokenizer."""
     options = options or ConversionOptions()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise T2RError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    out = Path(out_dir).expanduser()
+    check_out_dir(out, overwrite)
     start = time.time()
     source = resolve_model(model_name)
     teacher, tokenizer = load_teacher(source, options.dtype)
