@@ -58,8 +58,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generation import generate_text, load_for_inference
+    from .generation import check_request, generate_text, load_for_inference
 
+    check_request(args.prompt, args.max_new_tokens, args.temperature)
     model, tokenizer = load_for_inference(args.model_dir, args.device, args.dtype)
     chat = {"auto": None, "on": True, "off": False}[args.chat]
     _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature, stream=True)
