@@ -15,7 +15,7 @@ def _add_conversion_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``ConversionOptions`` field, named as its YAML key (``--num-slots`` ...)."""
     import typing
 
-    from .convert import ConversionOptions
+    from .options import ConversionOptions
 
     for name, field in ConversionOptions.model_fields.items():
         flags = ["--" + name.replace("_", "-")] + [a for a, n in CONVERSION_ALIASES.items() if n == name]
@@ -38,7 +38,7 @@ def conversion_options(args):
     """The ConversionOptions of the flags given (the others keep their defaults)."""
     from pydantic import ValidationError
 
-    from .convert import ConversionOptions
+    from .options import ConversionOptions
 
     given = {n: getattr(args, n) for n in ConversionOptions.model_fields if getattr(args, n, None) is not None}
     if getattr(args, "rope", None) is not None:
@@ -70,7 +70,10 @@ def cmd_generate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="t2r", description="Transformer-to-RNN: convert, finetune, export.")
+    parser.add_argument("--version", action="version", version=f"t2r {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="swap a pretrained model's softmax attention for GSA layers")

@@ -1,5 +1,8 @@
 """Realistic mistakes end in one line naming the problem and the remedy, exit code 2, nothing written."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +113,41 @@ def test_mistyped_local_path_says_no_such_folder(tmp_path, capsys, monkeypatch):
     assert code == 2 and "there is no local folder runs/tiny-cnv (did you mean runs/tiny-conv?)" in err
     assert "runs/tiny-cnv is not in the local Hugging Face cache and the Hub is unreachable" in err
     assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
+def test_version_and_license(capsys):
+    import t2r
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"t2r {t2r.__version__}\n"
+    license_file = Path(__file__).resolve().parents[1] / "LICENSE"
+    head = license_file.read_text().split()
+    assert head[:5] == ["Apache", "License", "Version", "2.0,", "January"] and "END OF TERMS AND CONDITIONS" in \
+        license_file.read_text()
+    assert (Path(t2r.__file__).parent / "py.typed").is_file()
+
+
+def _python(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_help_imports_no_torch():
+    r = _python("import sys\nfrom t2r.cli import build_parser\nfor argv in (['--help'], ['convert', '--help']):\n"
+                "    try:\n        build_parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
+                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stderr
+    assert "--num-slots" in r.stdout and "{convert,generate,finetune,eval,export}" in r.stdout
+
+
+def test_import_t2r_still_registers_the_model_type(tmp_path):
+    """``import t2r`` is light, yet plain transformers loads a converted folder after it (README, model cards)."""
+    from t2r.convert import convert
+
+    convert("tiny-random-llama", tmp_path / "c", log=lambda *a: None)
+    r = _python("import sys, t2r\nassert 'torch' not in sys.modules\n"
+                "from transformers import AutoModelForCausalLM\n"
+                f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'c')!r})\n"
+                "print(type(m).__name__, isinstance(m, t2r.T2RForCausalLM))")
+    assert r.returncode == 0 and r.stdout.split() == ["T2RForCausalLM", "True"], r.stderr
