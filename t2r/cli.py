@@ -15,7 +15,7 @@ def _add_conversion_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``ConversionOptions`` field, named as its YAML key (``--num-slots`` ...)."""
     import typing
 
-    from .convert import ConversionOptions
+    from .options import ConversionOptions
 
     for name, field in ConversionOptions.model_fields.items():
         flags = ["--" + name.replace("_", "-")] + [a for a, n in CONVERSION_ALIASES.items() if n == name]
@@ -38,7 +38,7 @@ def conversion_options(args):
     """The ConversionOptions of the flags given (the others keep their defaults)."""
     from pydantic import ValidationError
 
-    from .convert import ConversionOptions
+    from .options import ConversionOptions
 
     given = {n: getattr(args, n) for n in ConversionOptions.model_fields if getattr(args, n, None) is not None}
     if getattr(args, "rope", None) is not None:
@@ -58,8 +58,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generation import generate_text, load_for_inference
+    from .generation import check_request, generate_text, load_for_inference
 
+    check_request(args.prompt, args.max_new_tokens, args.temperature)
     model, tokenizer = load_for_inference(args.model_dir, args.device, args.dtype)
     chat = {"auto": None, "on": True, "off": False}[args.chat]
     _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature, stream=True)
@@ -69,7 +70,10 @@ def cmd_generate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="t2r", description="Transformer-to-RNN: convert, finetune, export.")
+    parser.add_argument("--version", action="version", version=f"t2r {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="swap a pretrained model's softmax attention for GSA layers")

@@ -10,19 +10,38 @@ from .hub import T2RError
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise T2RError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise T2RError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise T2RError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                       f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+def check_request(prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """The generation arguments, checked before any model is loaded."""
+    if not prompt:
+        raise T2RError("--prompt is empty; give the text to continue, e.g. --prompt 'Once upon a time'")
+    if max_new_tokens < 1:
+        raise T2RError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise T2RError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
 
 
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
     """(model, tokenizer) from a converted folder, on ``device``, in eval mode. A teacher alias or
     checkpoint (``smollm2-135m``, a .gguf) runs as itself, through the softmax-only conversion."""
-    import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import models  # noqa: F401  (registers the t2r model type)
     from .convert import DTYPES
-    from .hub import ALIASES
+    from .hub import ALIASES, check_model_folder
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -32,6 +51,7 @@ def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: 
             return load_model_any(str(model_dir), pick_device(device), dtype, teacher=True)
         raise T2RError(f"{path} is not a model folder (no config.json); convert one first: t2r convert MODEL --out DIR")
     dev = pick_device(device)
+    check_model_folder(path)
     torch_dtype = DTYPES[dtype] or ("auto" if dev.type == "cuda" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -60,9 +80,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat:
 
     from .models import output_cache
 
-    if max_new_tokens < 1:
-        raise T2RError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_request(prompt, max_new_tokens, temperature)
     enc = {k: v.to(model.device) for k, v in encode_prompt(tokenizer, prompt, chat).items()}
+    if enc["input_ids"].shape[1] == 0:
+        raise T2RError(f"--prompt {prompt!r} encodes to no tokens; give some text to continue")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -86,6 +87,25 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def check_model_folder(folder: Path) -> None:
+    """A clear error for a damaged local checkpoint: config.json that is not JSON, or *.safetensors files
+    whose header does not read (garbage or truncated). Reads only the headers."""
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise T2RError(f"{config} is not valid JSON ({e}); restore it from the original checkpoint") from None
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise T2RError(f"{weights} is not a readable safetensors file ({e}); the download or copy is damaged: "
+                           "restore it from the original checkpoint") from None
+
+
 def resolve_model(name: str) -> ModelSource:
     """Turn an alias, a local folder (or .gguf file) or a Hub id into a :class:`ModelSource`."""
     target = ALIASES.get(name.lower(), name)
@@ -105,6 +125,7 @@ def resolve_model(name: str) -> ModelSource:
                 f"{path} is not a model folder: it has no config.json"
                 + (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else " (and no .gguf file)")
             )
+        check_model_folder(path)
         return ModelSource(name, str(path))
     looks_like_path = target.startswith((".", "/", "~")) or target.count("/") != 1
     if looks_like_path:
@@ -112,7 +133,24 @@ def resolve_model(name: str) -> ModelSource:
         raise T2RError(f"{name!r} is neither a local folder, a Hub id (org/name) nor an alias ({known})")
     if not _hub_cached(target) and not hub_reachable():
         raise T2RError(
-            f"{target} is not in the local Hugging Face cache and the Hub is unreachable: download it where "
+            no_local_folder(name, target)
+            + f"{target} is not in the local Hugging Face cache and the Hub is unreachable: download it where "
             f"the Hub is reachable (huggingface-cli download {target} --local-dir DIR), then pass DIR"
         )
     return ModelSource(name, target, local=False)
+
+
+def no_local_folder(name: str, target: str) -> str:
+    """For an ORG/NAME that is not an alias: the sentence saying no such local folder exists (it may be
+    a mistyped path), with the nearest names in its parent folder when that folder exists."""
+    if target != name:
+        return ""
+    import difflib
+
+    path = Path(name).expanduser()
+    near = []
+    if path.parent.is_dir():
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+        near = [str(path.parent / n) for n in difflib.get_close_matches(path.name, siblings, n=3)]
+    hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+    return f"there is no local folder {name}{hint}; as a Hub id: "

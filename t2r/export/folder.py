@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..hub import T2RError
+from ..paths import check_out_dir
 from .card import CardInfo, model_card
 from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, Source, inspect_source, load_merged, load_model,
                    read_json, read_lora_config, validate_adapter, validate_model_folder)
@@ -90,10 +91,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 def _check_out(out: Path, src: Source, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise T2RError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise T2RError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
+    check_out_dir(out, overwrite)
     o, s = out.resolve(), src.path.resolve()
     if o == s or s in o.parents or o in s.parents:
         raise T2RError(f"--out {out} overlaps SOURCE {src.path}; write the export to a folder outside the source")
