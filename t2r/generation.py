@@ -37,9 +37,9 @@ def check_request(prompt: str, max_new_tokens: int, temperature: float) -> None:
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
     """(model, tokenizer) from a converted folder, on ``device``, in eval mode. A teacher alias or
     checkpoint (``smollm2-135m``, a .gguf) runs as itself, through the softmax-only conversion."""
+    import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models  # noqa: F401  (registers the t2r model type)
     from .convert import DTYPES
     from .hub import ALIASES, check_model_folder
 

@@ -133,20 +133,12 @@ def _python(code: str, *args) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parents[1])
 
 
-def test_help_imports_no_torch():
-    r = _python("import sys\nfrom t2r.cli import build_parser\nfor argv in (['--help'], ['convert', '--help']):\n"
-                "    try:\n        build_parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
-                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
-    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stderr
-    assert "--num-slots" in r.stdout and "{convert,generate,finetune,eval,export}" in r.stdout
-
-
 def test_import_t2r_still_registers_the_model_type(tmp_path):
-    """``import t2r`` is light, yet plain transformers loads a converted folder after it (README, model cards)."""
+    """After ``import t2r`` plain transformers loads a converted folder (README, model cards)."""
     from t2r.convert import convert
 
     convert("tiny-random-llama", tmp_path / "c", log=lambda *a: None)
-    r = _python("import sys, t2r\nassert 'torch' not in sys.modules\n"
+    r = _python("import t2r\n"
                 "from transformers import AutoModelForCausalLM\n"
                 f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'c')!r})\n"
                 "print(type(m).__name__, isinstance(m, t2r.T2RForCausalLM))")

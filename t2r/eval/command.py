@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from ..hub import T2RError
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
@@ -22,10 +24,9 @@ CORPUS_NAMES = ("python-stdlib", "english-prose")
 def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = False):
     """(model, tokenizer) from a t2r folder, a run folder, or a teacher checkpoint (converted with
     every layer kept softmax, which reproduces it). ``teacher=True`` always takes the latter route."""
-    import torch
+    import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .. import models  # noqa: F401  (registers the t2r model type)
     from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
     from ..hub import resolve_model
 
@@ -72,8 +73,6 @@ def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_le
     """Perplexities on each corpus (``ppl``) and in-context recall grids (``mqar``, ``passkey``) of the
     model and of its teacher on the same tokens; with ``branches``, a windowed model's GSA-only and
     window-only perplexities too. Returns the JSON-able result."""
-    import torch
-
     from ..generation import pick_device
     from .perplexity import perplexity
     from .recall import MQAR_CELLS, PASSKEY_CELLS, recall_grid
