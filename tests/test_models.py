@@ -158,3 +158,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for n in plain:
         assert rel_err(checkpointed[n], plain[n]) < 1e-5, n
+
+
+def test_attention_transfer_error_per_layer_counts_only_real_tokens():
+    """Each GSA layer's transfer error is a sum over real tokens: padding adds nothing, and the layers'
+    errors add up to the loss."""
+    _, model, _ = converted("llama", softmax_layers="2")
+    ids = torch.randint(2, 258, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, attention_transfer=True)
+        alone = model(ids[1:2, 5:], attention_transfer=True)
+        rows = [model(ids[i:i + 1], attention_transfer=True) for i in (0, 2)]
+    assert out.layer_errors.shape == (3,) and torch.allclose(out.layer_errors.sum(), out.loss)
+    expected = alone.layer_errors + sum(r.layer_errors for r in rows)
+    assert rel_err(out.layer_errors, expected) < 1e-4

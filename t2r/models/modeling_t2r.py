@@ -249,7 +249,7 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             for m in layers:
                 m.transfer, m.transfer_error = False, None
         if attention_mask is not None:
-            errors = errors * attention_mask[:, None, -errors.shape[-1]:].to(errors.dtype)
+            errors = errors * attention_mask[None, :, -errors.shape[-1]:].to(errors.dtype)
         return TransferOutput(loss=errors.sum(), layer_errors=errors.sum((1, 2)))
 
     @contextlib.contextmanager
