@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .hub import ModelSource, T2RError, resolve_model
+from .kernels.gsa.utils import MAX_DIM
 from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM
 from .options import ConversionOptions, parse_layers  # noqa: F401  (re-exported)
@@ -41,12 +42,16 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
     elif len(layer_types) != L:
         layer_types = ["sliding_attention"] * L
     softmax = parse_layers(options.softmax_layers, L)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim > MAX_DIM and len(softmax) < L:
+        raise T2RError(f"head_dim {head_dim} is larger than GSA's GPU kernels hold ({MAX_DIM}); keep such a model's "
+                       "layers softmax (--softmax-layers all) or convert a model with smaller heads")
     attention_bias = bool(getattr(c, "attention_bias", False))
     return T2RConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=L, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        head_dim=head_dim,
         hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings,
         initializer_range=getattr(c, "initializer_range", 0.02), rms_norm_eps=c.rms_norm_eps,
         pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,

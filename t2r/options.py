@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .hub import T2RError
+from .kernels.gsa.utils import MAX_DIM
 
 
 class ConversionOptions(BaseModel):
@@ -14,7 +15,8 @@ class ConversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_slots: int = Field(64, ge=1, le=1024, description="memory slots per kv head (M)")
+    num_slots: int = Field(64, ge=1, le=MAX_DIM, description=f"memory slots per kv head (M; the GPU kernels "
+                           f"hold up to {MAX_DIM})")
     gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(gate logits) / tau")
     feature_map: Literal["swish", "relu", "identity", "elu1", "softmax", "linear", "hedgehog"] = "swish"
     use_rope: bool = Field(False, description="keep RoPE on q/k in GSA layers (the paper drops it)")

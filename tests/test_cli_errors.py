@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from t2r.cli import main
+from t2r.hub import T2RError
 from t2r.tiny import tiny_teacher
 
 
@@ -143,3 +144,19 @@ def test_import_t2r_still_registers_the_model_type(tmp_path):
                 f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'c')!r})\n"
                 "print(type(m).__name__, isinstance(m, t2r.T2RForCausalLM))")
     assert r.returncode == 0 and r.stdout.split() == ["T2RForCausalLM", "True"], r.stderr
+
+
+def test_kernel_limits_are_checked_at_conversion(tmp_path, capsys):
+    """More slots than the GPU kernels hold fails at conversion, before anything is written, not at
+    the first GPU forward."""
+    out = tmp_path / "cnv"
+    assert main(["convert", "tiny-random-llama", "--out", str(out), "--slots", "256"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-slots: Input should be less than or equal to 128 (got 256)" in err and not out.exists()
+    from t2r.convert import ConversionOptions, config_from_teacher
+    from t2r.tiny import tiny_teacher_config
+
+    wide = tiny_teacher_config("llama", head_dim=192)
+    with pytest.raises(T2RError, match="head_dim 192 is larger than GSA's GPU kernels hold"):
+        config_from_teacher(wide, ConversionOptions())
+    assert config_from_teacher(wide, ConversionOptions(softmax_layers="all")).gsa_layers == []

@@ -13,10 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import GSADims, GSAInputError, check_inputs, default_scale, sequence_spans
+from .utils import MAX_DIM, GSADims, GSAInputError, check_inputs, default_scale, sequence_spans
 
 SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
-MAX_DIM = 128  # K, V and M above this do not fit the register tiles
 
 
 @dataclass

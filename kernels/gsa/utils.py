@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 
 
+MAX_DIM = 128  # the Triton kernels' limit on K, V and M: larger ones do not fit the register tiles
+
+
 class GSAInputError(ValueError):
     """A GSA operator was called with inputs that break its contract."""
 
