@@ -25,6 +25,7 @@ from ..models.modeling_t2r import keeps_fp32
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
+from .lock import run_lock
 from .stages import (add_lora, count_targets, frozen_teacher, load_model, run_lora_config, set_trainable,
                      stage_loss_sum, stage_parameters)
 
@@ -382,9 +383,17 @@ class Run:
             path.write_text("".join(line + "\n" for line in keep))
 
     def run(self) -> Path:
+        with run_lock(self.out, enabled=self.accelerator.is_main_process):
+            return self._run()
+
+    def _run(self) -> Path:
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
+        if self.resumed_from is None and acc.is_main_process:
+            # a fresh run (no checkpoint here): nothing of an earlier attempt's logs carries over
+            for stale in ("metrics.jsonl", "run_summary.json"):
+                (self.out / stale).unlink(missing_ok=True)
         self.setup()
         if self.resumed_from is None:
             if cfg.eval.teacher:

@@ -1,5 +1,6 @@
 """Whole `t2r finetune` runs of configs/tiny.yaml: outputs, several processes, interruptions."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -183,3 +184,24 @@ def test_bf16_weights_train_on_cpu_and_stay_bf16(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "model")
     dtypes = {n.split(".")[-2]: p.dtype for n, p in model.named_parameters()}
     assert dtypes["q_proj"] == dtypes["f_proj"] == torch.bfloat16 and dtypes["g_norm"] == torch.float32
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getpid()}\n")  # this test process plays the first run
+    r = run(finetune_cmd(out))
+    assert r.returncode == 2 and f"another t2r finetune (pid {os.getpid()}) is writing {out}" in r.stderr
+    assert not (out / "metrics.jsonl").exists() and (out / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_fresh_run_starts_clean_and_takes_over_a_dead_runs_lock(tmp_path):
+    """A folder an earlier attempt left without a checkpoint: its metrics do not mix into the new run's."""
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "stage": "finetune", "loss": 99.0}\n' * 7)
+    (out / ".lock").write_text("99999999\n")  # above any pid limit: no such process
+    r = run(finetune_cmd(out, "stages.0.steps=1", "stages.1.steps=1", "eval.teacher=false", "eval.before=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in metrics(out)] == [1, 2] and all(m["loss"] != 99.0 for m in metrics(out))
+    assert not (out / ".lock").exists()
