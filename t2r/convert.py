@@ -17,7 +17,7 @@ from .kernels.gsa.utils import MAX_DIM
 from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM
 from .options import ConversionOptions, parse_layers  # noqa: F401  (re-exported)
-from .paths import check_out_dir
+from .paths import check_out_dir, staged_folder
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,10 +162,10 @@ def convert(model_name: str, out_dir: str | Path, options: ConversionOptions | N
     teacher, tokenizer = load_teacher(source, options.dtype)
     model = convert_model(teacher, options, source=model_name)
     del teacher
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    make_loadable_by_path(out)
+    with staged_folder(out) as tmp:  # a killed convert leaves no half-written folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        make_loadable_by_path(tmp)
     log(describe(model, options))
     log(f"saved to {out} in {time.time() - start:.1f}s")
     return model

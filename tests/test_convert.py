@@ -123,3 +123,25 @@ def test_conversion_never_holds_two_copies_of_the_weights(tmp_path):
     assert r.returncode == 0, r.stderr
     grew = int(r.stdout.strip().splitlines()[-1])
     assert grew < 1.5 * nbytes, (grew / 2**20, nbytes / 2**20)
+
+
+def test_convert_writes_all_or_nothing_and_clears_a_killed_runs_leftovers(tmp_path, monkeypatch):
+    """A convert that fails while writing leaves the previous folder as it was; the temporary folder
+    a killed convert (or export) left beside it is removed by the next write."""
+    import t2r.export.remote_code as remote_code
+
+    out = tmp_path / "cnv"
+    convert("tiny-random-llama", out, ConversionOptions(num_slots=8), log=lambda *a: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stale = tmp_path / ".cnv.t2r-tmp-99999999"  # its writer's pid does not exist
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+
+    def disk_full(folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(remote_code, "make_loadable_by_path", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert("tiny-random-llama", out, ConversionOptions(num_slots=16), overwrite=True, log=lambda *a: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnv"]

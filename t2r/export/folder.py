@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..hub import T2RError
-from ..paths import check_out_dir
+from ..paths import check_out_dir, staged_folder
 from .card import CardInfo, model_card
 from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, Source, inspect_source, load_merged, load_model,
                    read_json, read_lora_config, validate_adapter, validate_model_folder)
@@ -194,20 +193,6 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
     return {"format": "adapter", "dtype": "/".join(dtypes), "base": base}
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():  # empty, or --overwrite: swap, then drop the old one
-        old = out.parent / f".{out.name}.t2r-export-old-{os.getpid()}"
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            old.rename(out)
-            raise
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def verify_export(path: Path) -> dict:
     """Check an existing export before uploading it: every file the manifest lists, at its size."""
     manifest = read_json(path / MANIFEST, "the export manifest")
@@ -244,11 +229,7 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
     if options.push_to_hub:
         check_push(options.push_to_hub)
     location = options.push_to_hub or str(out.resolve())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.t2r-export-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         if mode == "adapter":
             meta = write_adapter(tmp, src, options, location, log)
         else:
@@ -257,10 +238,6 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "files": _files_and_sizes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     total = sum(manifest["files"].values())
     log(f"exported {meta['format']} ({meta['dtype']}) to {out}: {len(manifest['files']) + 1} files, "
         f"{total / 2**20:,.1f} MiB")

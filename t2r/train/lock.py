@@ -11,16 +11,7 @@ import os
 from pathlib import Path
 
 from ..hub import T2RError
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+from ..paths import pid_alive
 
 
 @contextlib.contextmanager
@@ -34,7 +25,7 @@ def run_lock(out: Path, enabled: bool = True):
         holder = int(lock.read_text().strip() or 0)
     except (OSError, ValueError):
         holder = 0
-    if holder and holder != os.getpid() and _alive(holder):
+    if holder and holder != os.getpid() and pid_alive(holder):
         raise T2RError(f"another t2r finetune (pid {holder}) is writing {out}; wait for it to finish, stop it, or "
                        f"choose another --output-dir (if no such run exists, delete {lock})")
     lock.parent.mkdir(parents=True, exist_ok=True)
