@@ -127,7 +127,15 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     torch_dtype = DTYPES[dtype] or "auto"
-    teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    weights = {} if source.gguf_file else {"use_safetensors": True}  # never a pickle (it can run code)
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **weights, **kwargs)
+    except OSError as e:
+        if "safetensors" not in str(e):
+            raise
+        raise T2RError(f"{source.name} has no safetensors weights; t2r never loads pickled ones (.bin), which can "
+                       "run arbitrary code. Convert it to safetensors where you trust it, or pick a checkpoint "
+                       "that ships them") from None
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     return teacher, tokenizer
 

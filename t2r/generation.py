@@ -53,7 +53,7 @@ def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: 
     dev = pick_device(device)
     check_model_folder(path)
     torch_dtype = DTYPES[dtype] or ("auto" if dev.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True).to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

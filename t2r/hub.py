@@ -87,9 +87,13 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
 def check_model_folder(folder: Path) -> None:
-    """A clear error for a damaged local checkpoint: config.json that is not JSON, or *.safetensors files
-    whose header does not read (garbage or truncated). Reads only the headers."""
+    """A clear error for a local checkpoint t2r will not read: config.json that is not JSON, weights only
+    as pickles (loading one can run code; t2r reads safetensors only), or *.safetensors files whose
+    header does not read (garbage or truncated). Reads only the headers."""
     config = folder / "config.json"
     try:
         json.loads(config.read_text(encoding="utf-8"))
@@ -97,6 +101,11 @@ def check_model_folder(folder: Path) -> None:
         raise T2RError(f"{config} is not valid JSON ({e}); restore it from the original checkpoint") from None
     from safetensors import SafetensorError, safe_open
 
+    pickles = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise T2RError(f"{folder / pickles[0]}: weights only as a pickle file, which t2r never loads (loading one "
+                       "can run arbitrary code); convert the checkpoint to safetensors where you trust it "
+                       "(model.save_pretrained(DIR, safe_serialization=True)) and use that folder")
     for weights in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(weights, "pt"):

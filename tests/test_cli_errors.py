@@ -160,3 +160,23 @@ def test_kernel_limits_are_checked_at_conversion(tmp_path, capsys):
     with pytest.raises(T2RError, match="head_dim 192 is larger than GSA's GPU kernels hold"):
         config_from_teacher(wide, ConversionOptions())
     assert config_from_teacher(wide, ConversionOptions(softmax_layers="all")).gsa_layers == []
+
+
+@pytest.mark.parametrize("command", ["convert", "generate"])
+def test_pickled_weights_are_refused_naming_safetensors(tmp_path, capsys, command):
+    """A local checkpoint whose weights are only a pickle: one clear error, nothing loaded or written."""
+    import torch
+
+    teacher, tok = tiny_teacher("llama")
+    folder = tmp_path / "pickled"
+    teacher.save_pretrained(folder, safe_serialization=False)
+    tok.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"planted": 1}, folder / "pytorch_model.bin")
+    args = ["convert", str(folder), "--out", str(tmp_path / "out")] if command == "convert" else \
+        ["generate", str(folder), "--prompt", "hi"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin: weights only as a pickle file, which t2r never loads" in err and "safetensors" in err
+    assert not (tmp_path / "out").exists()

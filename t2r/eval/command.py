@@ -36,7 +36,7 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
     config = path / "config.json"
     torch_dtype = DTYPES[dtype] or ("auto" if torch.device(device).type == "cuda" else torch.float32)
     if not teacher and config.is_file() and json.loads(config.read_text()).get("model_type") == "t2r":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         teacher_model, tokenizer = load_teacher(resolve_model(str(source)), dtype)

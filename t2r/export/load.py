@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..hub import T2RError
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+from ..hub import PICKLE_SUFFIXES, T2RError
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
