@@ -52,11 +52,26 @@ class DataConfig(Strict):
         return self
 
 
+# the linear layers of a converted decoder that LoRA can wrap
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class LoraConfig(Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
+
+    @model_validator(mode="after")
+    def _known_targets(self):
+        unknown = [m for m in self.target_modules if m not in LORA_TARGETS]
+        if unknown:
+            hints = [difflib.get_close_matches(m, LORA_TARGETS, n=1) for m in unknown]
+            did = "; ".join(f"{m!r}: did you mean {h[0]!r}?" for m, h in zip(unknown, hints) if h)
+            raise ValueError(f"unknown target_modules {unknown} (choose from {', '.join(LORA_TARGETS)})"
+                             + (f"; {did}" if did else ""))
+        return self
 
 
 class StageBase(Strict):
@@ -87,9 +102,12 @@ class FinetuneStage(StageBase):
 Stage = Annotated[Union[AttentionTransferStage, FinetuneStage], Field(discriminator="name")]
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimizerConfig(Strict):
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
 
@@ -133,6 +151,14 @@ class RunConfig(Strict):
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = "runs/t2r"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _something_to_convert(self):
+        if str(self.model.conversion.softmax_layers).strip().lower() == "all" and not Path(
+                self.model.source).expanduser().joinpath("config.json").is_file():
+            raise ValueError("model.conversion.softmax_layers is 'all': no layer becomes GSA, so there is nothing "
+                             "to train; list the layers to keep softmax (e.g. '0,15') or 'none'")
+        return self
 
     @model_validator(mode="after")
     def _window_below_rows(self):

@@ -22,6 +22,7 @@ import yaml
 from ..hub import ALIAS_LICENSES, T2RError
 from ..export.remote_code import make_loadable_by_path
 from ..models.modeling_t2r import keeps_fp32
+from ..paths import check_writable_dir
 from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
@@ -87,6 +88,7 @@ class Run:
 
         self.config, self.log = config, log
         self.out = Path(config.output_dir)
+        check_writable_dir(self.out, "--output-dir")
         latest = latest_checkpoint(self.out)
         if latest is not None and not resume:
             raise T2RError(f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
@@ -265,10 +267,13 @@ class Run:
 
     def _nonfinite_message(self, value, what: str = "loss") -> str:
         latest = latest_checkpoint(self.out)
-        keep = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
-        return (f"{what} became {value} at step {self.state.step + 1} (stage {self.config.stages[self.state.stage].name}); "
-                f"stopped before applying that update; {keep}. Lower the learning rate or check the data, "
-                "then continue with --resume")
+        where = (f"{what} became {value} at step {self.state.step + 1} (stage "
+                 f"{self.config.stages[self.state.stage].name}); stopped before applying that update")
+        if latest:
+            return (f"{where}; the last good checkpoint is {latest}. Lower the learning rate or check the data, "
+                    "then continue with --resume")
+        return (f"{where}; no checkpoint was written yet, so there is nothing to resume: lower the learning rate "
+                f"or check the data, then start again (delete {self.out} or choose another --output-dir)")
 
     # -- the run --------------------------------------------------------------------------------
     def evaluate(self, key: str, teacher: bool = False) -> None:

@@ -70,3 +70,30 @@ def test_unreadable_configs(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(T2RError, match="not valid YAML"):
         load_config(_write(tmp_path, "model: [unclosed"))
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("optimizer.betas=[0.9, 1.5]", "optimizer.betas.1: Input should be less than 1"),
+    ("optimizer.eps=0", "optimizer.eps: Input should be greater than 0"),
+    ("stages.1.lora={target_modules: [q_prj]}", "unknown target_modules ['q_prj']"),
+    ("model.conversion.softmax_layers=all", "no layer becomes GSA, so there is nothing to train"),
+    ("model.conversion.window_size=64", "data.seq_len=64 must exceed model.conversion.window_size=64"),
+])
+def test_bad_values_fail_before_any_work(tmp_path, override, expect):
+    """Caught when the config is read: before the teacher is converted or any text is tokenised."""
+    with pytest.raises(T2RError) as err:
+        load_config(_write(tmp_path, BASE), [override])
+    assert expect in str(err.value)
+    if "q_prj" in expect:
+        assert "did you mean 'q_proj'?" in str(err.value)
+
+
+def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from t2r.train.loop import Run
+
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    config = load_config(_write(tmp_path, BASE), output_dir=str(blocker))
+    with pytest.raises(T2RError, match=f"--output-dir {blocker} is a file; choose a folder"):
+        Run(config)
+    assert blocker.read_text() == "not a folder"

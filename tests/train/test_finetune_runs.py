@@ -119,6 +119,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "last good checkpoint is" in r.stderr and "--resume" in r.stderr
     assert latest_checkpoint(out).name == "step-0000004"
     assert not (out / "model").exists()
+    # with no checkpoint yet, it does not point at --resume, which could not work
+    r = run(finetune_cmd(tmp_path / "early", "stages.1.lr=1.0e+30", "stages.1.warmup_steps=0",
+                         "checkpoint.every_steps=100"))
+    assert r.returncode == 3 and "no checkpoint was written yet, so there is nothing to resume" in r.stderr
+    assert "--resume" not in r.stderr
 
 
 DISK_FULL = r"""
