@@ -62,6 +62,43 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_damage(folder: Path) -> str | None:
+    """What makes a checkpoint unusable (a trainer state that does not parse, a weights or optimizer
+    file that is truncated or empty), or None when it reads. Reads headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        read_trainer_state(folder)
+    except (OSError, ValueError, TypeError, T2RError) as e:
+        return f"trainer_state.json does not read ({e})"
+    for f in sorted((folder / "accelerate").rglob("*")):
+        if not f.is_file():
+            continue
+        if f.stat().st_size == 0:
+            return f"{f.name} is empty"
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(f, "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                return f"{f.name} does not read ({e})"
+    return None
+
+
+def intact_checkpoint(output_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint that reads; a damaged newer one is named and skipped."""
+    root = checkpoints_dir(output_dir)
+    newest = latest_checkpoint(output_dir)
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                         and (newest is None or p.name <= newest.name)), reverse=True)
+    for folder in candidates:
+        damage = checkpoint_damage(folder)
+        if damage is None:
+            return folder
+        log(f"warning: checkpoint {folder.name} is damaged ({damage}); trying the one before it")
+    return None
+
+
 def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_last: int, extra=None) -> Path:
     """Write the accelerate state (model, optimizer, RNG) and the trainer state, atomically.
 

@@ -23,7 +23,7 @@ from ..hub import ALIAS_LICENSES, T2RError
 from ..export.remote_code import make_loadable_by_path
 from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_writable_dir
-from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_documents, tokenize_and_pack
 from .lock import run_lock
@@ -93,6 +93,11 @@ class Run:
         if latest is not None and not resume:
             raise T2RError(f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
                            "or choose another --output-dir")
+        if resume and latest is not None:
+            latest = intact_checkpoint(self.out, log)
+            if latest is None:
+                raise T2RError(f"cannot resume {self.out}: every checkpoint in it is damaged (see the warnings); "
+                               "start again in a new --output-dir")
         if resume and latest is None:
             raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
         trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if _use_wandb(config) else [])

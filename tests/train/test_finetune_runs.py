@@ -210,3 +210,21 @@ def test_a_fresh_run_starts_clean_and_takes_over_a_dead_runs_lock(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == [1, 2] and all(m["loss"] != 99.0 for m in metrics(out))
     assert not (out / ".lock").exists()
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(tmp_path):
+    """A truncated newest checkpoint (a crash while copying, a full disk elsewhere): --resume says so and
+    continues from the one before it, with the losses an uninterrupted run has."""
+    out = tmp_path / "run"
+    sets = ["stages.1.steps=8", "checkpoint.every_steps=3", "eval.every_steps=100"]
+    r = run(finetune_cmd(out, *sets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = metrics(out)
+    weights = out / "checkpoints" / "step-0000012" / "accelerate" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (out / "model").rename(out / "model-first")  # what the resumed run writes again
+    r = run(finetune_cmd(out, *sets) + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint step-0000012 is damaged (model.safetensors does not read" in r.stdout
+    assert "resuming from step-0000009" in r.stdout
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in whole]
