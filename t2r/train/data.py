@@ -86,6 +86,9 @@ def _file_dataset(cfg: DataConfig):
         if not matched:
             raise T2RError(f"data.files: {pattern!r} matches no file")
         files.extend(matched)
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise T2RError(f"data.files: {empty[0]} is empty; remove it from data.files or give it some text")
     kinds = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
         raise T2RError(f"data.files must all be one of {', '.join(sorted(FILE_FORMATS))}; got {files[:5]}")
@@ -135,8 +138,17 @@ def split_held_out(docs, cfg: DataConfig):
     field = cfg.text_field
     if cfg.held_out < 1:
         cut = int(cfg.held_out * 2**64)
-        return (docs.filter(lambda ex: _doc_hash(ex[field]) >= cut),
-                docs.filter(lambda ex: _doc_hash(ex[field]) < cut))
+        train = docs.filter(lambda ex: _doc_hash(ex[field]) >= cut)
+        held = docs.filter(lambda ex: _doc_hash(ex[field]) < cut)
+        if hasattr(docs, "__len__"):  # map-style: say now if either side came out empty
+            if len(train) == 0:
+                raise T2RError(f"data.held_out={cfg.held_out} leaves none of the {len(docs)} documents to train on; "
+                               "lower it (e.g. 0.05, or a count like 1)")
+            if len(held) == 0:
+                raise T2RError(f"data.held_out={cfg.held_out} picks none of the {len(docs)} documents for evaluation; "
+                               "use a count (data.held_out: 1), more documents, or data.held_out: 0 to skip "
+                               "held-out evaluation")
+        return train, held
     hashes = sorted(_doc_hash(t) for t in docs[field])
     if int(cfg.held_out) >= len(hashes):
         raise T2RError(f"data.held_out={int(cfg.held_out)} documents leaves none of the {len(hashes)} to train on")

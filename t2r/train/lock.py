@@ -28,6 +28,7 @@ def run_lock(out: Path, enabled: bool = True):
     if holder and holder != os.getpid() and pid_alive(holder):
         raise T2RError(f"another t2r finetune (pid {holder}) is writing {out}; wait for it to finish, stop it, or "
                        f"choose another --output-dir (if no such run exists, delete {lock})")
+    created = not lock.parent.exists()
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text(f"{os.getpid()}\n")
     try:
@@ -36,3 +37,5 @@ def run_lock(out: Path, enabled: bool = True):
         with contextlib.suppress(OSError):
             if lock.read_text().strip() == str(os.getpid()):
                 lock.unlink()
+            if created and not any(lock.parent.iterdir()):  # a run that failed before writing anything
+                lock.parent.rmdir()

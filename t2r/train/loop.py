@@ -130,17 +130,17 @@ class Run:
                 raise T2RError(f"cannot resume {self.out}: {changed} differs from the run that wrote its checkpoints "
                                f"({saved}); resume with those settings (step counts, learning rates, evaluation and "
                                "checkpointing may change), or start again in a new --output-dir")
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            saved.write_text(dump_config(cfg))
         with acc.main_process_first():
+            train_docs, eval_docs = load_documents(cfg.data)  # bad data fails before the model loads
             model, self.tokenizer = load_model(cfg.model, log=self._main_log)
             window = getattr(model.config, "window_size", 0)
             if window and window >= cfg.data.seq_len:
                 raise T2RError(f"data.seq_len={cfg.data.seq_len} does not exceed the model's window_size={window}: "
                                "no token would ever reach the GSA part of the layers; raise data.seq_len or lower "
                                "model.conversion.window_size")
-            train_docs, eval_docs = load_documents(cfg.data)
+        if acc.is_main_process:
+            saved.write_text(dump_config(cfg))
+        with acc.main_process_first():
             cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
             self.order = RowOrder(tokenize_and_pack(train_docs, self.tokenizer, cfg.data, cache), cfg.seed)
             eval_rows = tokenize_and_pack(eval_docs, self.tokenizer, cfg.data, cache) if eval_docs is not None else None

@@ -113,3 +113,27 @@ def test_row_order_is_deterministic_and_resumable(tok, streaming):
     first_epoch = sorted(tuple(r["input_ids"]) for r in epoch_and_a_half[:n])
     assert first_epoch == sorted(tuple(r["input_ids"]) for r in rows)  # each row once per epoch
     assert [r["input_ids"] for r in epoch_and_a_half[:n]] != [r["input_ids"] for r in rows] or n < 3
+
+
+def test_held_out_splits_that_leave_a_side_empty_are_one_line_errors(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"a short document called {name}\n")
+    with pytest.raises(T2RError, match="picks none of the 2 documents for evaluation; use a count"):
+        load_documents(DataConfig(files=[str(tmp_path / "*.txt")], held_out=0.1))
+    assert len(load_documents(DataConfig(files=[str(tmp_path / "*.txt")], held_out=1))[1]) == 1
+    with pytest.raises(T2RError, match="held_out=0.999 leaves none of the 50 documents to train on"):
+        load_documents(DataConfig(dataset="python-stdlib", max_documents=50, held_out=0.999))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(T2RError, match="empty.jsonl is empty; remove it from data.files"):
+        load_documents(DataConfig(files=[str(tmp_path / "empty.jsonl")]))
+
+
+def test_bad_data_fails_before_the_model_loads_and_writes_nothing(tmp_path):
+    from tests.train.runs import finetune_cmd, run
+
+    (tmp_path / "a.txt").write_text("one short document\n")
+    (tmp_path / "b.txt").write_text("another short document\n")
+    out = tmp_path / "out"
+    r = run(finetune_cmd(out, "data.dataset=null", f"data.files=[{tmp_path / '*.txt'}]", "data.seq_len=16"))
+    assert r.returncode == 2 and "picks none of the 2 documents for evaluation" in r.stderr
+    assert "converted" not in r.stdout and not out.exists()
