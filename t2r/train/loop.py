@@ -61,6 +61,21 @@ def _use_wandb(config: RunConfig) -> bool:
         os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
+def _use_tensorboard(config: RunConfig, log) -> bool:
+    """TensorBoard logs when asked for and installed; when asked for and missing, say so (the run goes on,
+    with metrics.jsonl)."""
+    import importlib.util
+
+    if not config.logging.tensorboard:
+        return False
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            log("warning: logging.tensorboard is on but tensorboard is not installed (pip install tensorboard, or "
+                "t2r[tensorboard]); logging to OUTPUT/metrics.jsonl only. Set logging.tensorboard: false to silence this")
+        return False
+    return True
+
+
 def _weights_dtype(config: RunConfig) -> str:
     """The dtype the model's weights will have: the conversion's, or a converted folder's."""
     folder_config = Path(config.model.source).expanduser() / "config.json"
@@ -100,7 +115,7 @@ class Run:
                                "start again in a new --output-dir")
         if resume and latest is None:
             raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
-        trackers = (["tensorboard"] if config.logging.tensorboard else []) + (["wandb"] if _use_wandb(config) else [])
+        trackers = (["tensorboard"] if _use_tensorboard(config, log) else []) + (["wandb"] if _use_wandb(config) else [])
         self.accelerator = Accelerator(
             # without CUDA, processes started by `accelerate launch` (torchrun) join over gloo on the CPU
             cpu=not torch.cuda.is_available(),
