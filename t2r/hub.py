@@ -87,6 +87,17 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def converted_config(source: str | Path) -> dict | None:
+    """The config of an already converted t2r folder (``model_type: t2r``), or None for anything else
+    (an alias, a Hub id, a teacher's folder; a config that does not read is reported where it loads)."""
+    config = Path(source).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if data.get("model_type") == "t2r" else None
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 

@@ -28,14 +28,13 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
-    from ..hub import resolve_model
+    from ..hub import converted_config, resolve_model
 
     path = Path(source).expanduser()
     if (path / "run_summary.json").is_file() and (path / "model").is_dir():
         path = path / "model"
-    config = path / "config.json"
     torch_dtype = DTYPES[dtype] or ("auto" if torch.device(device).type == "cuda" else torch.float32)
-    if not teacher and config.is_file() and json.loads(config.read_text()).get("model_type") == "t2r":
+    if not teacher and converted_config(path) is not None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..convert import ConversionOptions
-from ..hub import T2RError
+from ..hub import T2RError, converted_config
 
 
 class Strict(BaseModel):
@@ -154,17 +154,16 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _something_to_convert(self):
-        if str(self.model.conversion.softmax_layers).strip().lower() == "all" and not Path(
-                self.model.source).expanduser().joinpath("config.json").is_file():
+        """Checks of what the run will train, made before any work: for a converted folder its own
+        config decides, otherwise model.conversion."""
+        folder = converted_config(self.model.source)
+        if folder is None and str(self.model.conversion.softmax_layers).strip().lower() == "all":
             raise ValueError("model.conversion.softmax_layers is 'all': no layer becomes GSA, so there is nothing "
                              "to train; list the layers to keep softmax (e.g. '0,15') or 'none'")
-        return self
-
-    @model_validator(mode="after")
-    def _window_below_rows(self):
-        window = self.model.conversion.window_size
+        key = "the converted folder's window_size" if folder is not None else "model.conversion.window_size"
+        window = folder.get("window_size", 0) if folder is not None else self.model.conversion.window_size
         if window and window >= self.data.seq_len:
-            raise ValueError(f"data.seq_len={self.data.seq_len} must exceed model.conversion.window_size={window}: "
+            raise ValueError(f"data.seq_len={self.data.seq_len} must exceed {key}={window}: "
                              "otherwise no token ever reaches the GSA part of the layers")
         return self
 

@@ -148,11 +148,6 @@ class Run:
         with acc.main_process_first():
             train_docs, eval_docs = load_documents(cfg.data)  # bad data fails before the model loads
             model, self.tokenizer = load_model(cfg.model, log=self._main_log)
-            window = getattr(model.config, "window_size", 0)
-            if window and window >= cfg.data.seq_len:
-                raise T2RError(f"data.seq_len={cfg.data.seq_len} does not exceed the model's window_size={window}: "
-                               "no token would ever reach the GSA part of the layers; raise data.seq_len or lower "
-                               "model.conversion.window_size")
         if acc.is_main_process:
             saved.write_text(dump_config(cfg))
         with acc.main_process_first():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -27,11 +26,10 @@ def load_model(cfg: ModelConfig, log=print):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..convert import convert_model, describe, load_teacher
-    from ..hub import resolve_model
+    from ..hub import converted_config, resolve_model
 
     folder = Path(cfg.source).expanduser()
-    config_file = folder / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "t2r":
+    if converted_config(folder) is not None:
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
         log(f"loaded converted model {folder} (model.conversion is ignored for converted folders)")
         return model, AutoTokenizer.from_pretrained(folder)

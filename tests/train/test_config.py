@@ -113,3 +113,11 @@ def test_missing_tensorboard_is_said_not_silent(tmp_path, monkeypatch):
     assert said and "tensorboard is not installed (pip install tensorboard" in said[0]
     monkeypatch.setattr(importlib.util, "find_spec", real)
     assert loop._use_tensorboard(config, said.append) is True and len(said) == 1
+
+
+def test_a_converted_folders_own_window_is_checked_against_the_rows(tmp_path):
+    from t2r.convert import ConversionOptions, convert
+
+    convert("tiny-random-llama", tmp_path / "cnv", ConversionOptions(window_size=64), log=lambda *a: None)
+    with pytest.raises(T2RError, match="data.seq_len=64 must exceed the converted folder's window_size=64"):
+        load_config(_write(tmp_path, BASE), [f"model.source={tmp_path / 'cnv'}"])
