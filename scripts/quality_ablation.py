@@ -1,10 +1,10 @@
 """Which conversion and training ingredients keep the teacher's quality: an ablation at equal tokens.
 
-Each row is a ``t2r finetune`` run of SmolLM2-135M-Instruct (or --model) on this Python's standard
-library with one ingredient changed from the reference recipe ``B``; every run sees the same number
-of training tokens. Each result is then scored by ``t2r eval`` on two held-out corpora (the stdlib
-modules held out of training, and English prose no run trains on) beside the teacher on the same
-tokens; window hybrids also with their GSA branch and their window switched off. Runs go to the
+Each row is a ``t2r finetune`` run of SmolLM2-135M-Instruct (or --model) on the data of
+configs/smollm2-135m-gsa.yaml (70% this Python's standard library, 30% English prose) with one
+ingredient changed from the reference recipe ``B``; every run sees the same number of training
+tokens. Each result is then scored by ``t2r eval`` on two held-out corpora (the stdlib modules held
+out of training, and the prose book held out of training) beside the teacher on the same tokens; window hybrids also with their GSA branch and their window switched off. Runs go to the
 GPUs in parallel (``--per-gpu`` at a time on each). Prints a markdown table; everything is kept
 under --out (``ROW/run_summary.json``, ``ROW/eval.json``, ``results.json``, ``table.md``).
 
@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "smollm2-135m-gsa.yaml"
 
@@ -39,7 +41,10 @@ TRANSFER = dict(name="attention_transfer", lr=1e-2, warmup_steps=10, schedule="c
 FINETUNE = dict(name="finetune", lr=3e-4, warmup_steps=20, schedule="cosine", lora=None, kl_weight=1.0)
 LORA = dict(rank=8, alpha=16, dropout=0.0)
 
-# name -> (what changes from B, conversion overrides, transfer overrides or None to drop it, finetune overrides)
+STDLIB_ONLY = {"data.mix": [{"dataset": "python-stdlib"}]}
+
+# name -> (what changes from B, conversion overrides, transfer overrides or None to drop it, finetune overrides
+#          [, other --set overrides])
 ROWS = {
     "B": ("reference: linear map, RoPE, id v, no norm, f_proj from keys; transfer; full FT + KL", {}, {}, {}),
     "window64": ("B + 64-token softmax window in each layer (hybrid)", dict(window_size=64), {}, {}),
@@ -55,6 +60,8 @@ ROWS = {
     "paper": ("the GSA paper's layer (swish, no RoPE, SiLU v, output norm, random f_proj)", "paper", {}, {}),
     "window64-lora": ("window64 with LoRA r=8 (lr 1e-3)", dict(window_size=64), {}, dict(lora=LORA, lr=1e-3)),
     "tau16": ("gate logit normalizer 16", dict(gate_logit_normalizer=16), {}, {}),
+    "stdlib-only": ("trained on Python source only (no prose)", {}, {}, {}, STDLIB_ONLY),
+    "window64-stdlib-only": ("window64 trained on Python source only", dict(window_size=64), {}, {}, STDLIB_ONLY),
 }
 
 
@@ -74,7 +81,7 @@ def parse_row(spec: str, default_tokens: float) -> tuple[str, float, str]:
 
 def row_overrides(name: str, model: str, tokens: float, seq_len: int, micro: int, transfer_tokens: float,
                   cache: Path) -> list[str]:
-    _, conv, transfer, finetune = ROWS[name]
+    _, conv, transfer, finetune, *extra = ROWS[name]
     conversion = dict(PAPER_CONVERSION if conv == "paper" else {**B_CONVERSION, **conv})
     per_step = seq_len * micro
     total = max(2, round(tokens / per_step))
@@ -88,7 +95,10 @@ def row_overrides(name: str, model: str, tokens: float, seq_len: int, micro: int
             "batch.micro_batch_size": micro, "batch.grad_accum": 1, "eval.max_batches": 2, "eval.before": False, "eval.teacher": False,
             "eval.every_steps": 100000, "checkpoint.every_steps": 100000, "logging.progress_bar": False,
             "logging.tensorboard": False, "data.num_proc": 4, "data.cache_dir": str(cache),
-            **({"data.max_documents": MAX_DOCUMENTS} if MAX_DOCUMENTS else {})}
+            **(extra[0] if extra else {})}
+    if MAX_DOCUMENTS:
+        sources = sets.get("data.mix") or yaml.safe_load(CONFIG.read_text())["data"]["mix"]
+        sets["data.mix"] = [{**src, "max_documents": MAX_DOCUMENTS} for src in sources]
     return [f"{k}={json.dumps(v)}" for k, v in sets.items()]
 
 

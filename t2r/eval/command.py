@@ -4,8 +4,8 @@ MODEL is a converted folder, a finetune run's output folder (its ``model/``), an
 supported checkpoint (alias, Hub id, local folder). The teacher is loaded as it is and run through
 t2r's softmax-only conversion, which reproduces it exactly and honours packed-document
 boundaries, so both score the same tokens under the same masks. Corpora: ``python-stdlib`` (the
-modules a finetune holds out with ``held_out``), ``english-prose`` (four public-domain books: text
-no finetune on code has seen), or local files.
+modules a finetune holds out with ``held_out``), ``english-prose`` (the public-domain book a
+finetune on english-prose holds out: The Adventures of Sherlock Holmes), or local files.
 """
 from __future__ import annotations
 
@@ -46,13 +46,14 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
 
 
 def eval_rows(corpus: str, tokenizer, seq_len: int, max_rows: int, held_out: float = 0.05):
-    """Packed rows of a corpus's held-out part: python-stdlib's held-out modules (the same split as a
-    finetune with this ``held_out``), all of english-prose, or local files (all of them)."""
+    """Packed rows of a corpus's held-out part, the same split a finetune with this ``held_out`` keeps
+    out of training: python-stdlib's held-out modules, english-prose's held-out book, or local files
+    (all of them)."""
     from ..train.config import DataConfig
     from ..train.data import load_documents, tokenize_and_pack
 
     if corpus in CORPUS_NAMES:
-        cfg = DataConfig(dataset=corpus, held_out=held_out if corpus == "python-stdlib" else 0, seq_len=seq_len)
+        cfg = DataConfig(dataset=corpus, held_out=held_out, seq_len=seq_len)
     else:
         cfg = DataConfig(files=[corpus], held_out=0, seq_len=seq_len)
     train, held = load_documents(cfg)

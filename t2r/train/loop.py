@@ -25,7 +25,7 @@ from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_writable_dir
 from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
-from .data import RowOrder, collate, load_documents, tokenize_and_pack
+from .data import RowOrder, collate, load_sources, packed_rows
 from .lock import run_lock
 from .stages import (add_lora, count_targets, frozen_teacher, load_model, run_lora_config, set_trainable,
                      stage_loss_sum, stage_parameters)
@@ -146,14 +146,14 @@ class Run:
                                f"({saved}); resume with those settings (step counts, learning rates, evaluation and "
                                "checkpointing may change), or start again in a new --output-dir")
         with acc.main_process_first():
-            train_docs, eval_docs = load_documents(cfg.data)  # bad data fails before the model loads
+            sources = load_sources(cfg.data)  # bad data fails before the model loads
             model, self.tokenizer = load_model(cfg.model, log=self._main_log)
         if acc.is_main_process:
             saved.write_text(dump_config(cfg))
         with acc.main_process_first():
             cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
-            self.order = RowOrder(tokenize_and_pack(train_docs, self.tokenizer, cfg.data, cache), cfg.seed)
-            eval_rows = tokenize_and_pack(eval_docs, self.tokenizer, cfg.data, cache) if eval_docs is not None else None
+            train_rows, eval_rows = packed_rows(sources, self.tokenizer, cache, cfg.seed)
+            self.order = RowOrder(train_rows, cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         n_eval = (cfg.eval.max_batches or 10**9) * cfg.batch.micro_batch_size * acc.num_processes

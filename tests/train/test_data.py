@@ -7,7 +7,7 @@ import torch
 from t2r.hub import T2RError
 from t2r.tiny import byte_level_tokenizer
 from t2r.train.config import DataConfig
-from t2r.train.data import RowOrder, collate, load_documents, tokenize_and_pack
+from t2r.train.data import RowOrder, collate, load_documents, load_sources, packed_rows, tokenize_and_pack
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,44 @@ def test_bad_data_fails_before_the_model_loads_and_writes_nothing(tmp_path):
     r = run(finetune_cmd(out, "data.dataset=null", f"data.files=[{tmp_path / '*.txt'}]", "data.seq_len=16"))
     assert r.returncode == 2 and "picks none of the 2 documents for evaluation" in r.stderr
     assert "converted" not in r.stdout and not out.exists()
+
+
+def test_english_prose_holds_out_one_whole_book():
+    from t2r.train.data import PROSE_HELD_OUT_BOOK
+
+    train, held = load_documents(DataConfig(dataset="english-prose", held_out=0.05))
+    assert set(held["book"]) == {PROSE_HELD_OUT_BOOK} and PROSE_HELD_OUT_BOOK not in set(train["book"])
+    assert len(set(train["book"])) == 3 and sum(len(t) for t in held["text"]) > 400_000  # the whole book
+
+
+def test_a_mix_draws_rows_by_weight_and_reads_every_source_whole(tok):
+    cfg = DataConfig(mix=[{"dataset": "python-stdlib", "max_documents": 12, "weight": 3},
+                          {"dataset": "english-prose", "max_documents": 30}], held_out=0.1, seq_len=256)
+    sources = load_sources(cfg)
+    alone = [tokenize_and_pack(train, tok, src, None) for src, _, train, _ in sources]
+    code, prose = ({tuple(r) for r in rows["input_ids"]} for rows in alone)
+    train, evals = packed_rows(sources, tok, None, seed=0)
+    drawn = [tuple(r) for r in train["input_ids"]]
+    assert set(drawn) == code | prose  # every row of each source, and rows never mix sources
+    share = sum(r in prose for r in drawn) / len(drawn)
+    assert abs(share - 0.25) < 0.05  # 3:1 by weight ...
+    assert abs(len(prose) / (len(code) + len(prose)) - 0.25) > 0.3  # ... which the sizes alone would not give
+    assert packed_rows(sources, tok, None, seed=0)[0]["input_ids"] == train["input_ids"]  # seeded
+    held_alone = [tokenize_and_pack(held, tok, src, None)["input_ids"] for src, _, _, held in sources]
+    assert evals["input_ids"][:2] == [held_alone[0][0], held_alone[1][0]]  # sources in turn
+    assert sorted(map(tuple, evals["input_ids"])) == sorted(tuple(r) for h in held_alone for r in h)
+
+
+def test_mix_mistakes_are_named(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly one of data.dataset.*got data.dataset and data.mix"):
+        DataConfig(dataset="python-stdlib", mix=[{"dataset": "english-prose"}])
+    with pytest.raises(ValidationError, match="exactly one of dataset"):
+        DataConfig(mix=[{"dataset": "english-prose", "files": ["a.txt"]}])
+    with pytest.raises(ValidationError, match="inside each source of the mix"):
+        DataConfig(mix=[{"dataset": "english-prose"}], text_field="body")
+    with pytest.raises(ValidationError, match="weight"):
+        DataConfig(mix=[{"dataset": "english-prose", "weight": 0}])
+    with pytest.raises(T2RError, match=r"data.mix\[1\] .*none\*.txt.* matches no file"):
+        load_sources(DataConfig(mix=[{"dataset": "english-prose"}, {"files": [str(tmp_path / "none*.txt")]}]))

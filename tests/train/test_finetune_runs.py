@@ -228,3 +228,15 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path):
     assert "checkpoint step-0000012 is damaged (model.safetensors does not read" in r.stdout
     assert "resuming from step-0000009" in r.stdout
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in whole]
+
+
+def test_a_run_trains_on_a_weighted_mix_of_sources(tmp_path):
+    out = tmp_path / "mix"
+    r = run(finetune_cmd(out, "data.dataset=null", "data.max_documents=null", "stages.1.steps=2",
+                         "data.mix=[{dataset: python-stdlib, max_documents: 60}, "
+                         "{dataset: english-prose, max_documents: 12, weight: 0.5}]"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((out / "run_summary.json").read_text())["eval"]
+    assert ev["ppl_after"] < ev["converted_ppl_before"] and ev["eval_tokens"] > 0  # on both sources' held-out rows
+    saved = (out / "config.yaml").read_text()
+    assert "english-prose" in saved and "weight: 0.5" in saved
