@@ -104,11 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def quiet_transformers() -> None:
+    """Turn transformers' own progress bars off (loading weights ...: noise around t2r's output), keeping
+    huggingface_hub's download and upload bars as they were: transformers' switch turns those off too."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    hub_bars_off = are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1, or the caller's choice
     hf_logging.disable_progress_bar()
+    if not hub_bars_off:
+        enable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_transformers()
     try:
         code = args.func(args)
     except T2RError as e:
