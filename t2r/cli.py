@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conversion_flags(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="generate text from a converted folder (streams to stdout)")
-    p.add_argument("model_dir")
+    p = sub.add_parser("generate", help="generate text from a converted model (streams to stdout)")
+    p.add_argument("model_dir", metavar="MODEL", help="converted folder, or its Hub id (ORG/NAME; downloaded, or "
+                   "read from the cache offline); a teacher alias runs as itself")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
