@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conversion_flags(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="generate text from a converted folder (streams to stdout)")
-    p.add_argument("model_dir")
+    p = sub.add_parser("generate", help="generate text from a converted model (streams to stdout)")
+    p.add_argument("model_dir", metavar="MODEL", help="converted folder, or its Hub id (ORG/NAME; downloaded, or "
+                   "read from the cache offline); a teacher alias runs as itself")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -104,11 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def quiet_transformers() -> None:
+    """Turn transformers' own progress bars off (loading weights ...: noise around t2r's output), keeping
+    huggingface_hub's download and upload bars as they were: transformers' switch turns those off too."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    hub_bars_off = are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS=1, or the caller's choice
     hf_logging.disable_progress_bar()
+    if not hub_bars_off:
+        enable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_transformers()
     try:
         code = args.func(args)
     except T2RError as e:

@@ -1,4 +1,4 @@
-"""``t2r generate``: load a converted (or any causal LM) folder and stream a completion."""
+"""``t2r generate``: load a converted model (a folder, or its Hub id) or any causal LM and stream a completion."""
 from __future__ import annotations
 
 import time
@@ -35,22 +35,28 @@ def check_request(prompt: str, max_new_tokens: int, temperature: float) -> None:
 
 
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str = "auto"):
-    """(model, tokenizer) from a converted folder, on ``device``, in eval mode. A teacher alias or
-    checkpoint (``smollm2-135m``, a .gguf) runs as itself, through the softmax-only conversion."""
+    """(model, tokenizer) from a converted folder or the Hub id of a converted model (downloaded, or read
+    from the cache when the Hub is unreachable), on ``device``, in eval mode. A teacher (alias, .gguf,
+    or the Hub id of an unconverted model) runs as itself, through the softmax-only conversion."""
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .convert import DTYPES
-    from .hub import ALIASES, check_model_folder
+    from .hub import ALIASES, check_model_folder, converted_folder, hub_repo
 
-    path = Path(model_dir)
+    dev = pick_device(device)
+    path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
-        if str(model_dir).lower() in ALIASES or path.suffix == ".gguf":
+        folder = converted_folder(str(model_dir))
+        if folder is not None:
+            path = folder
+        elif str(model_dir).lower() in ALIASES or path.suffix == ".gguf" or hub_repo(model_dir):
             from .eval.command import load_model_any
 
-            return load_model_any(str(model_dir), pick_device(device), dtype, teacher=True)
-        raise T2RError(f"{path} is not a model folder (no config.json); convert one first: t2r convert MODEL --out DIR")
-    dev = pick_device(device)
+            return load_model_any(str(model_dir), dev, dtype, teacher=True)
+        else:
+            raise T2RError(f"{path} is not a model folder (no config.json); convert one first: t2r convert MODEL "
+                           "--out DIR")
     check_model_folder(path)
     torch_dtype = DTYPES[dtype] or ("auto" if dev.type == "cuda" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True).to(dev).eval()

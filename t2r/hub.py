@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,9 @@ from urllib.parse import urlparse
 
 class T2RError(Exception):
     """A user-facing error: the message says what was wrong and what to do."""
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,18 +91,104 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def converted_config(source: str | Path) -> dict | None:
-    """The config of an already converted t2r folder (``model_type: t2r``), or None for anything else
-    (an alias, a Hub id, a teacher's folder; a config that does not read is reported where it loads)."""
-    config = Path(source).expanduser() / "config.json"
+def hub_repo(name: str | Path) -> str | None:
+    """The Hub repo id that ``name`` stands for: an ORG/NAME that is no local file or folder, or an alias of
+    one; None for local paths, aliases of local or in-memory models, and anything that is not ORG/NAME."""
+    name = str(name)
+    target = ALIASES.get(name.lower(), name)
+    if target.startswith((".", "/", "~")) or not HUB_ID.match(target) or Path(target).expanduser().exists():
+        return None
+    return target
+
+
+def hub_offline(name: str, target: str) -> bool:
+    """Whether the Hub repo ``target`` is read from the local cache only: True when the Hub is unreachable
+    and the repo is cached; when it is neither, a T2RError whose remedy is the ``hf download`` command.
+    The one place every command (convert, generate, finetune, eval, export) decides this."""
+    if hub_reachable():
+        return False
+    if _hub_cached(target):
+        return True
+    raise T2RError(no_local_folder(name, target) + f"{target} is not in the local Hugging Face cache and the Hub "
+                   f"is unreachable: download it where the Hub is reachable (hf download {target} --local-dir DIR), "
+                   "then pass DIR")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# what t2r never reads from a Hub repo, so never downloads: pickles (refused) and other formats' weights
+NOT_DOWNLOADED = [f"*{s}" for s in (*PICKLE_SUFFIXES, ".gguf", ".h5", ".msgpack", ".onnx")]
+
+
+def hub_download(name: str, target: str, **patterns) -> Path:
+    """A local folder holding the Hub repo ``target`` (``snapshot_download``; from the cache when the Hub
+    is unreachable). ``patterns``: ``allow_patterns`` / ``ignore_patterns`` of ``snapshot_download``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    offline = hub_offline(name, target)
+    try:
+        return Path(snapshot_download(target, local_files_only=offline, **patterns))
+    except GatedRepoError:
+        raise T2RError(f"{target} is gated on the Hub: accept its terms at https://huggingface.co/{target} and log "
+                       "in (hf auth login), then run the command again") from None
+    except RepositoryNotFoundError:
+        raise T2RError(no_local_folder(name, target) + f"{target} is not a model repository on the Hub (if it is "
+                       "private, log in with hf auth login)") from None
+    except RevisionNotFoundError:
+        raise T2RError(f"{target} has no main branch on the Hub; download the revision you want (hf download "
+                       f"{target} --revision REV --local-dir DIR), then pass DIR") from None
+    except LocalEntryNotFoundError:
+        raise T2RError(f"{target} is not completely in the local Hugging Face cache and the Hub is unreachable: "
+                       f"download it where the Hub is reachable (hf download {target} --local-dir DIR), then pass "
+                       "DIR") from None
+    except (HfHubHTTPError, OSError) as e:
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise T2RError(f"downloading {target} from the Hub failed ({reason}); run the command again, or download "
+                       f"it with hf download {target} --local-dir DIR and pass DIR") from None
+
+
+def _t2r_config(folder: Path) -> dict | None:
+    config = folder / "config.json"
     try:
         data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return data if data.get("model_type") == "t2r" else None
+    return data if isinstance(data, dict) and data.get("model_type") == "t2r" else None
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+def converted_config(source: str | Path) -> dict | None:
+    """The config of an already converted t2r model (``model_type: t2r``): a local folder, or a Hub id
+    (only its config.json is fetched); None for anything else (an alias, a teacher's folder or Hub id; a
+    config that does not read is reported where it loads)."""
+    repo = hub_repo(source)
+    if repo is None or repo != str(source):  # a local path, or an alias (aliases name teachers)
+        return _t2r_config(Path(source).expanduser())
+    return _t2r_config(hub_download(str(source), repo, allow_patterns=["config.json"]))
+
+
+def converted_folder(source: str | Path) -> Path | None:
+    """The local folder of an already converted t2r model: a local folder as it is, a Hub id downloaded
+    (``snapshot_download``, or the cache when the Hub is unreachable); None for anything else."""
+    if converted_config(source) is None:
+        return None
+    repo = hub_repo(source)
+    if repo is None:
+        return Path(source).expanduser()
+    return hub_download(str(source), repo, ignore_patterns=NOT_DOWNLOADED)
+
+
+def public_name(name: str | None) -> str | None:
+    """How a model source is named where others read it (config.json, a model card, the Hub): aliases and
+    Hub ids as they are; a folder of the Hugging Face cache by its repo id; any other local path by its last
+    part only (a path of this machine means nothing elsewhere, and tells about this machine)."""
+    if not name or name.lower() in ALIASES or hub_repo(name) == name:
+        return name
+    parts = Path(name).expanduser().resolve().parts
+    repos = [p for p in parts if p.startswith("models--") and p.count("--") >= 2]
+    if repos:
+        return repos[-1].removeprefix("models--").replace("--", "/", 1)
+    return parts[-1] if len(parts) > 1 else name
 
 
 def check_model_folder(folder: Path) -> None:
@@ -147,17 +237,10 @@ def resolve_model(name: str) -> ModelSource:
             )
         check_model_folder(path)
         return ModelSource(name, str(path))
-    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") != 1
-    if looks_like_path:
+    if hub_repo(target) is None:
         known = ", ".join(sorted(ALIASES))
         raise T2RError(f"{name!r} is neither a local folder, a Hub id (org/name) nor an alias ({known})")
-    if not _hub_cached(target) and not hub_reachable():
-        raise T2RError(
-            no_local_folder(name, target)
-            + f"{target} is not in the local Hugging Face cache and the Hub is unreachable: download it where "
-            f"the Hub is reachable (huggingface-cli download {target} --local-dir DIR), then pass DIR"
-        )
-    return ModelSource(name, target, local=False)
+    return ModelSource(name, target, local=hub_offline(name, target))
 
 
 def no_local_folder(name: str, target: str) -> str:

@@ -83,7 +83,7 @@ def test_uncached_hub_id_offline_fails_fast_with_the_remedy(tmp_path):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1, r.stderr
     assert "mistralai/Mistral-7B-v0.1 is not in the local Hugging Face cache" in err[0]
-    assert "huggingface-cli download mistralai/Mistral-7B-v0.1 --local-dir DIR" in err[0]
+    assert "hf download mistralai/Mistral-7B-v0.1 --local-dir DIR" in err[0]
     assert not (tmp_path / "o").exists()
 
 

@@ -22,21 +22,22 @@ CORPUS_NAMES = ("python-stdlib", "english-prose")
 
 
 def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = False):
-    """(model, tokenizer) from a t2r folder, a run folder, or a teacher checkpoint (converted with
+    """(model, tokenizer) from a t2r folder (or its Hub id), a run folder, or a teacher checkpoint (converted with
     every layer kept softmax, which reproduces it). ``teacher=True`` always takes the latter route."""
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
-    from ..hub import converted_config, resolve_model
+    from ..hub import converted_folder, resolve_model
 
     path = Path(source).expanduser()
     if (path / "run_summary.json").is_file() and (path / "model").is_dir():
         path = path / "model"
     torch_dtype = DTYPES[dtype] or ("auto" if torch.device(device).type == "cuda" else torch.float32)
-    if not teacher and converted_config(path) is not None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    folder = None if teacher else converted_folder(path)  # a t2r folder, or the Hub id of one (downloaded)
+    if folder is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         teacher_model, tokenizer = load_teacher(resolve_model(str(source)), dtype)
         model = convert_model(teacher_model, ConversionOptions(softmax_layers="all"), source=str(source))

@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..hub import ALIAS_LICENSES, ALIASES
+from ..hub import ALIAS_LICENSES, ALIASES, HUB_ID, public_name
 
 TAGS = ["t2r", "gated-slot-attention", "linear-attention", "recurrent", "transformer-to-rnn"]
 # the GGUF behind the 'smollm2-135m' alias is a quantization of this checkpoint
 GGUF_ORIGINS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 
@@ -66,7 +65,8 @@ def _num(x) -> str:
 
 
 def teacher_name(info: CardInfo) -> str | None:
-    return (info.summary or {}).get("base_model") or info.config.get("base_model_name_or_path")
+    """The model this one was made from, named as others can read it (never a path of this machine)."""
+    return public_name((info.summary or {}).get("base_model") or info.config.get("base_model_name_or_path"))
 
 
 def license_of(info: CardInfo) -> str | None:
@@ -251,8 +251,19 @@ def _license(info: CardInfo) -> list[str]:
             "before using or sharing it, and add it here (`t2r export ... --license ID`)."]
 
 
+def _title(location: str) -> str:
+    return location.rstrip("/").rsplit("/", 1)[-1]
+
+
+def relocate_card(card: str, old: str, new: str) -> str:
+    """The card of an export written for ``old`` (its local folder, or another repo) now pushed to ``new``:
+    the title, and what users pass to from_pretrained and t2r generate, name ``new``."""
+    card = card.replace(f'"{old}"', f'"{new}"').replace(f"`t2r generate {old} ", f"`t2r generate {new} ")
+    return card.replace(f"\n# {_title(old)}\n", f"\n# {_title(new)}\n", 1)
+
+
 def model_card(info: CardInfo) -> str:
-    title = info.location.rstrip("/").rsplit("/", 1)[-1]
-    sections = [[f"# {title}", ""] + _about(info), _conversion(info), _training(info), _evaluation(info),
+    sections = [[f"# {_title(info.location)}", ""] + _about(info), _conversion(info), _training(info),
+                _evaluation(info),
                 _usage_adapter(info) if info.fmt == "adapter" else _usage_model(info), _files(info), _license(info)]
     return front_matter(info) + "\n" + "\n\n".join("\n".join(s) for s in sections if s) + "\n"

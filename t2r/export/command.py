@@ -9,7 +9,10 @@ folder: safetensors weights, config.json with auto_map, the tokenizer, generatio
 the modeling code (so it loads with plain transformers and trust_remote_code=True, t2r not
 installed) and a model card. A run that used LoRA is merged by default.
 
+SOURCE may be the Hub id (ORG/NAME) of a converted model: it is downloaded first.
 To upload an existing export as it is: t2r export EXPORT_DIR --push-to-hub ORG/NAME
+A push (--revision BRANCH, --commit-message MSG) also deletes the repo's files of the kinds an export
+holds (weights, modeling code, configs, tokenizer, card) that this export lacks.
 """
 
 
@@ -18,7 +21,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="write a Hub-ready folder (and push it to the Hub)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="run output, checkpoint (OUTPUT/checkpoints/step-N), converted "
-                   "folder, or an existing export (to push it)")
+                   "folder or its Hub id, or an existing export (to push it)")
     p.add_argument("--out", default=None, help="output folder (written beside, then renamed into place)")
     lora = p.add_mutually_exclusive_group()
     lora.add_argument("--merge-lora", dest="mode", action="store_const", const="merge",
@@ -32,6 +35,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
                    help="upload the export (token: HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--revision", default=None, metavar="BRANCH",
+                   help="with --push-to-hub: push to this branch (made from main if missing); default main")
+    p.add_argument("--commit-message", default=None, metavar="MSG", help="with --push-to-hub: the commit's message")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--license", default=None, help="license id for the card (default: the run's record of the "
                    "base model's license)")
@@ -50,6 +56,7 @@ def run(args) -> None:
     if args.base_id and args.mode != "adapter":
         raise T2RError("--base-id names the base of an adapter export; add --adapter-only or drop --base-id")
     options = ExportOptions(mode=args.mode, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                            push_to_hub=args.push_to_hub, private=args.private, overwrite=args.overwrite,
+                            push_to_hub=args.push_to_hub, private=args.private, revision=args.revision,
+                            commit_message=args.commit_message, overwrite=args.overwrite,
                             license=args.license, base_id=args.base_id)
     export(args.source, args.out, options)

@@ -15,19 +15,15 @@ from pathlib import Path
 
 import torch
 
-from ..hub import T2RError
+from ..hub import HUB_ID, T2RError, public_name
 from ..paths import check_out_dir, staged_folder
-from .card import CardInfo, model_card
-from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, Source, inspect_source, load_merged, load_model,
-                   read_json, read_lora_config, validate_adapter, validate_model_folder)
+from .card import CardInfo, model_card, relocate_card
+from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, TOKENIZER_DIRS, TOKENIZER_FILES, Source, inspect_source,
+                   load_merged, load_model, read_json, read_lora_config, validate_adapter, validate_model_folder)
 from .push import check_push, push_folder
 from .remote_code import AUTO_MAP, check_loadable, write_remote_code
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt",
-                   "chat_template.jinja", "chat_template.json")
-TOKENIZER_DIRS = ("additional_chat_templates",)
 MODES = ("auto", "merge", "adapter")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -48,6 +44,8 @@ class ExportOptions:
     max_shard_size: str = "5GB"
     push_to_hub: str | None = None
     private: bool = False
+    revision: str | None = None  # the Hub branch to push to (made if missing); None: main
+    commit_message: str | None = None
     overwrite: bool = False
     license: str | None = None
     base_id: str | None = None  # adapter exports: where users find the converted base
@@ -141,6 +139,7 @@ def write_model(tmp: Path, src: Source, mode: str, options: ExportOptions, locat
                                                           getattr(torch, str(saved or "float32")))
     cast_model(model, target)
     model.config.auto_map = dict(AUTO_MAP)
+    model.config.base_model_name_or_path = public_name(model.config.base_model_name_or_path)
     gen = files_from / "generation_config.json"
     if gen.is_file():
         from transformers import GenerationConfig
@@ -186,7 +185,7 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
                             "modules_to_save": list(lora.modules_to_save or [])},
                       base_location=base_ref)
     (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
-    base = {"base_model_name_or_path": base_ref, "teacher": base_config.base_model_name_or_path,
+    base = {"base_model_name_or_path": base_ref, "teacher": public_name(base_config.base_model_name_or_path),
             "config": {k: getattr(base_config, k) for k in (
                 "base_model_type", "num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim",
                 "gsa_layers", "num_slots", "gate_logit_normalizer", "feature_map", "use_rope")}}
@@ -214,27 +213,34 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
     if options.dtype is not None and options.dtype not in DTYPES:
         raise T2RError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     parse_size(options.max_shard_size)
+    if options.push_to_hub:
+        check_push(options.push_to_hub, options.revision)
+    elif options.revision or options.commit_message:
+        raise T2RError("--revision and --commit-message apply to --push-to-hub; add --push-to-hub ORG/NAME or drop "
+                       "them")
     src = inspect_source(source)
     if out is None:
-        if not options.push_to_hub or src.kind not in ("export", "adapter-export"):
-            raise T2RError("--out is required (only an existing export can be pushed as it is: "
+        if not options.push_to_hub or src.kind not in ("export", "adapter-export") or src.hub_id:
+            raise T2RError("--out is required (only an existing export folder can be pushed as it is: "
                            "t2r export EXPORT_DIR --push-to-hub ORG/NAME)")
-        check_push(options.push_to_hub)
-        verify_export(src.path)
-        push_folder(src.path, options.push_to_hub, options.private, log)
+        manifest = verify_export(src.path)
+        name_repo(src.path, manifest, options.push_to_hub)
+        _push(src.path, options, log)
         return src.path
     out = Path(out).expanduser()
     _check_out(out, src, options.overwrite)
     mode = _resolve_mode(src, options.mode)
-    if options.push_to_hub:
-        check_push(options.push_to_hub)
+    if options.push_to_hub and mode == "adapter" and not (options.base_id and HUB_ID.match(options.base_id)):
+        raise T2RError(f"--push-to-hub of an adapter needs --base-id ORG/BASE, the Hub repo of the converted model "
+                       f"it goes on (push that first: t2r export {src.base_dir} --out DIR --push-to-hub ORG/BASE); "
+                       "a local path means nothing on the Hub")
     location = options.push_to_hub or str(out.resolve())
     with staged_folder(out) as tmp:
         if mode == "adapter":
             meta = write_adapter(tmp, src, options, location, log)
         else:
             meta = write_model(tmp, src, mode, options, location, log)
-        manifest = {"t2r_version": _version(), **meta, "source_kind": src.kind,
+        manifest = {"t2r_version": _version(), **meta, "source_kind": src.kind, "location": location,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "files": _files_and_sizes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -242,5 +248,21 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
     log(f"exported {meta['format']} ({meta['dtype']}) to {out}: {len(manifest['files']) + 1} files, "
         f"{total / 2**20:,.1f} MiB")
     if options.push_to_hub:
-        push_folder(out, options.push_to_hub, options.private, log)
+        _push(out, options, log)
     return out
+
+
+def _push(folder: Path, options: ExportOptions, log) -> None:
+    push_folder(folder, options.push_to_hub, options.private, options.revision, options.commit_message, log)
+
+
+def name_repo(folder: Path, manifest: dict, repo_id: str) -> None:
+    """An existing export pushed to ``repo_id``: its card (written naming its local folder, or another repo)
+    now names the repo, and the manifest records the new card and where it points."""
+    old = manifest.get("location") or str(folder.resolve())  # exports made before the manifest recorded it
+    if old == repo_id:
+        return
+    card = folder / "README.md"
+    card.write_text(relocate_card(card.read_text(encoding="utf-8"), old, repo_id), encoding="utf-8")
+    manifest.update(location=repo_id, files=_files_and_sizes(folder))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -11,15 +11,24 @@ from pathlib import Path
 
 import torch
 
-from ..hub import PICKLE_SUFFIXES, T2RError
+from ..hub import PICKLE_SUFFIXES, T2RError, converted_folder, hub_repo
+
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "t2r_export.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)
+# every kind of file an export holds: a re-push deletes the Hub repo's files of these kinds that the new
+# export lacks (stale shards, an earlier adapter, renamed modeling files); files of other kinds stay
+EXPORT_PATTERNS = ["*.safetensors", WEIGHTS_INDEX, "*.py", "config.json", "generation_config.json", ADAPTER_CONFIG,
+                   MANIFEST, "README.md", *TOKENIZER_FILES, *(f"{d}/*" for d in TOKENIZER_DIRS)]
 REMAKE = "restore it from a copy, or make it again (t2r convert, a finetune run, or t2r export)"
 SOURCE_HELP = ("SOURCE is a finetune run's output folder, one of its checkpoints (OUTPUT/checkpoints/step-N), "
-               "a converted folder (t2r convert) or an export")
+               "a converted folder (t2r convert), an export, or the Hub id (ORG/NAME) of a converted model")
 
 
 @dataclass
@@ -33,6 +42,7 @@ class Source:
     adapter_dir: Path | None = None
     summary: dict | None = None
     summary_path: Path | None = None
+    hub_id: str | None = None  # SOURCE was this Hub repo; ``path`` is its download
 
     @property
     def has_adapter(self) -> bool:
@@ -62,8 +72,16 @@ def _find_summary(path: Path, kind: str) -> Path | None:
 
 
 def inspect_source(source: str | Path) -> Source:
-    """Find the model, base and adapter folders of SOURCE; raise T2RError when it is none of the kinds."""
+    """Find the model, base and adapter folders of SOURCE; raise T2RError when it is none of the kinds.
+    A Hub id (ORG/NAME) of a converted model or export is downloaded (or read from the cache offline)."""
     path = Path(source).expanduser()
+    repo = hub_repo(source) if not path.exists() else None
+    if repo is not None:
+        folder = converted_folder(repo)
+        if folder is None:
+            raise T2RError(f"{repo} on the Hub is not a converted model (its config.json is not model_type 't2r'); "
+                           f"convert it first: t2r convert {repo} --out DIR, then export DIR")
+        path = folder
     if not path.exists():
         raise T2RError(f"{path} does not exist; {SOURCE_HELP}")
     if not path.is_dir():
@@ -102,6 +120,7 @@ def inspect_source(source: str | Path) -> Source:
                        "the run's output folder once the run has finished (or a checkpoint that has model/)")
     else:
         raise T2RError(f"{path} is not a t2r folder: it has no config.json, model/ or adapter/; {SOURCE_HELP}")
+    src.hub_id = repo
     src.summary_path = _find_summary(path, src.kind)
     if src.summary_path is not None:
         src.summary = read_json(src.summary_path, "the run summary")

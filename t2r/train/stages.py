@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +20,17 @@ def gsa_modules_present(model) -> list[str]:
 
 
 def load_model(cfg: ModelConfig, log=print):
-    """(converted model, tokenizer): a converted t2r folder as it is, or any supported
-    checkpoint converted in memory with ``cfg.conversion``."""
+    """(converted model, tokenizer): an already converted model (a t2r folder, or its Hub id) as it is,
+    or any supported checkpoint converted in memory with ``cfg.conversion``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..convert import convert_model, describe, load_teacher
-    from ..hub import converted_config, resolve_model
+    from ..hub import converted_folder, resolve_model
 
-    folder = Path(cfg.source).expanduser()
-    if converted_config(folder) is not None:
+    folder = converted_folder(cfg.source)
+    if folder is not None:
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
-        log(f"loaded converted model {folder} (model.conversion is ignored for converted folders)")
+        log(f"loaded converted model {cfg.source} (model.conversion is ignored for converted models)")
         return model, AutoTokenizer.from_pretrained(folder)
     teacher, tokenizer = load_teacher(resolve_model(cfg.source), cfg.conversion.dtype)
     model = convert_model(teacher, cfg.conversion, source=cfg.source)
