@@ -33,8 +33,9 @@ def test_eval_results_go_into_the_cards_model_index_and_table_without_local_path
     tok.save_pretrained(tmp_path / "teacher")
     assert main(["convert", str(tmp_path / "teacher"), "--out", str(tmp_path / "cnv"), "--num-slots", "8"]) == 0
     (tmp_path / "corpus.txt").write_text(PROSE)
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in
-                                              [("Snow is", ["cold", "hot"], 0), ("Fire is", ["cold", "hot"], 1)]))
+    questions = [("Snow is", ["cold", "hot"], 0), ("Fire is", ["cold", "hot"], 1)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                              for q, c, a in questions))
     (tmp_path / "task.yaml").write_text(TASK.format(data=tmp_path / "q.jsonl"))
     results = tmp_path / "eval.json"
     assert main(["eval", str(tmp_path / "cnv"), "--teacher", str(tmp_path / "teacher"), "--corpus",
@@ -83,5 +84,6 @@ def test_bad_eval_results_are_one_line_errors_before_any_work(tmp_path, capsys):
     (tmp_path / "ok.json").write_text(json.dumps({"seq_len": 64, "corpora": {"python-stdlib": {"model": 3.5}}}))
     assert main(["export", str(tmp_path / "cnv"), "--out", str(tmp_path / "e")]) == 0
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "e"), "--push-to-hub", "org/name", "--eval-results", str(tmp_path / "ok.json")]) == 2
+    assert main(["export", str(tmp_path / "e"), "--push-to-hub", "org/name",
+                 "--eval-results", str(tmp_path / "ok.json")]) == 2
     assert "export again with --out DIR --eval-results FILE" in capsys.readouterr().err  # a pushed export is as it is

@@ -34,7 +34,8 @@ class T2RLM(HFLM):
             from ..generation import pick_device
             from .command import load_model_any
 
-            pretrained, loaded_tokenizer = load_model_any(pretrained, pick_device(device), dtype, teacher=_flag(teacher))
+            pretrained, loaded_tokenizer = load_model_any(pretrained, pick_device(device), dtype,
+                                                          teacher=_flag(teacher))
             tokenizer = tokenizer or loaded_tokenizer
         if tokenizer is None:
             raise ValueError("T2RLM: pass the tokenizer with an already loaded model")
