@@ -1,4 +1,4 @@
-"""``t2r eval MODEL [--teacher SRC] [--tasks ppl,mqar,passkey,lm-eval:...] [--corpus ...]``: a model beside its teacher.
+"""``t2r eval MODEL [--teacher SRC] [--tasks ppl,mqar,passkey] [--corpus ...]``: a model beside its teacher.
 
 MODEL is a converted folder, a finetune run's output folder (its ``model/``), an export, or any
 supported checkpoint (alias, Hub id, local folder). The teacher is loaded as it is and run through
