@@ -1,1 +1,1 @@
-"""Evaluation: perplexity and recall probes."""
+"""Evaluation: perplexity, recall probes, and lm-evaluation-harness tasks (harness.py, lm_eval_model.py)."""

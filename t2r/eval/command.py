@@ -70,19 +70,27 @@ TASKS = ("ppl", "mqar", "passkey")
 
 def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_len: int = 2048, max_rows: int = 32,
              batch_size: int = 4, device: str | None = None, dtype: str = "auto", branches: bool = False,
-             tasks: tuple[str, ...] = ("ppl",), samples: int = 3, log=print) -> dict:
+             tasks: tuple[str, ...] = ("ppl",), samples: int = 3, log=print, lm_eval_limit: int | None = None,
+             lm_eval_fewshot: int | None = None) -> dict:
     """Perplexities on each corpus (``ppl``) and in-context recall grids (``mqar``, ``passkey``) of the
     model and of its teacher on the same tokens; with ``branches``, a windowed model's GSA-only and
-    window-only perplexities too. Returns the JSON-able result."""
+    window-only perplexities too; ``lm-eval:`` tasks (:func:`t2r.eval.harness.split_tasks`) score both
+    through lm-evaluation-harness. Returns the JSON-able result."""
     from ..generation import pick_device
+    from .harness import harness_scores, split_tasks, task_manager
     from .perplexity import perplexity
     from .recall import MQAR_CELLS, PASSKEY_CELLS, recall_grid
 
+    tasks, harness_specs = split_tasks(tasks, TASKS)
     bad = [t for t in tasks if t not in TASKS]
     if bad:
-        raise T2RError(f"unknown eval task(s) {bad}; choose from {', '.join(TASKS)}")
+        raise T2RError(f"unknown eval task(s) {bad}; choose from {', '.join(TASKS)}, or lm-eval:TASK for "
+                       "lm-evaluation-harness tasks (lm-eval:commonsense, lm-eval:mmlu, lm-eval:piqa,arc_easy)")
+    manager = task_manager(harness_specs, lm_eval_limit, lm_eval_fewshot)
     dev = pick_device(device)
     result = {"model": str(model_src), "teacher": teacher_src, "seq_len": seq_len, "corpora": {}, "recall": {}}
+    if manager is not None:
+        result["lm_eval"] = {}
     rows = None
     for who, src in (("model", model_src), ("teacher", teacher_src)):
         if src is None:
@@ -105,6 +113,11 @@ def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_le
                 grid = recall_grid(model, tokenizer, task, cells, samples, dev)
                 for cell, acc in grid.items():
                     result["recall"].setdefault(task, {}).setdefault(cell, {})[who] = acc
+        if manager is not None:
+            scores = harness_scores(model, tokenizer, harness_specs, manager, batch_size, lm_eval_limit,
+                                    lm_eval_fewshot)
+            for task, s in scores.items():
+                result["lm_eval"].setdefault(task, {"metric": s["metric"], "dataset": s["dataset"]})[who] = s["value"]
         del model
     for entry in result["corpora"].values():
         if "teacher" in entry:
@@ -128,13 +141,19 @@ def format_table(result: dict) -> str:
         for cell, e in grid.items():
             lines.append(f"| {cell} | " + " | ".join(f"{e[w]:.0%}" if w in e else "-" for w in ("model", "teacher"))
                          + " |")
+    if result.get("lm_eval"):
+        lines += ["", "| lm-eval task | metric | model | teacher |", "|---|---|---|---|"]
+        for task, e in result["lm_eval"].items():
+            lines.append(f"| {task} | {e['metric']} | " + " | ".join(f"{e[w]:.1%}" if w in e else "-"
+                                                                     for w in ("model", "teacher")) + " |")
     return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     result = evaluate(args.model, args.teacher, args.corpus or list(CORPUS_NAMES), args.seq_len, args.max_rows,
-                      args.batch_size, args.device, args.dtype, args.branches, tasks, args.samples)
+                      args.batch_size, args.device, args.dtype, args.branches, tasks, args.samples,
+                      lm_eval_limit=args.lm_eval_limit, lm_eval_fewshot=args.lm_eval_fewshot)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
@@ -155,7 +174,11 @@ def register(sub) -> None:
     p.add_argument("--branches", action="store_true",
                    help="for a window hybrid, also score its GSA-only and window-only ablations")
     p.add_argument("--tasks", default="ppl", help="comma-separated: ppl (held-out perplexity), mqar (multi-query "
-                   "associative recall), passkey (a number hidden in filler text) (default %(default)s)")
+                   "associative recall), passkey (a number hidden in filler text), lm-eval:TASK[,TASK...] "
+                   "(lm-evaluation-harness tasks, presets commonsense and mmlu, or a task YAML) (default %(default)s)")
     p.add_argument("--samples", type=int, default=3, help="contexts per mqar/passkey cell (default %(default)s)")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task (default: all)")
+    p.add_argument("--lm-eval-fewshot", type=int, default=None,
+                   help="few-shot examples per lm-eval question (default: each task's own)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)

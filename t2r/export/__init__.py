@@ -4,6 +4,7 @@
     load.py         reading a SOURCE: run / checkpoint / converted folder, checked, safetensors only
     remote_code.py  flat modeling files generated from t2r's own sources
     card.py         the model card (README.md)
+    card_eval.py    `t2r eval` scores in the card: model-index metadata and a table (--eval-results)
     push.py         upload through huggingface_hub
     command.py      the argparse subcommand
 

@@ -1,13 +1,16 @@
 """The model card (README.md) of an export: what the model is, how it was made, how well it does
-against its teacher, how to load it with and without t2r, and the base model's license."""
+against its teacher, how to load it with and without t2r, and the base model's license. A card is
+written to be published: local paths appear by their last part only, never in full."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
 from ..hub import ALIAS_LICENSES, ALIASES, HUB_ID, public_name
+from .card_eval import eval_table, model_index
 
 TAGS = ["t2r", "gated-slot-attention", "linear-attention", "recurrent", "transformer-to-rnn"]
 # the GGUF behind the 'smollm2-135m' alias is a quantization of this checkpoint
@@ -30,6 +33,7 @@ class CardInfo:
     lora: dict | None = None  # adapter exports: r, lora_alpha, target_modules, modules_to_save
     base_location: str | None = None  # adapter exports: where the converted base is
     t2r_version: str = ""
+    eval_results: dict | None = None  # the JSON of `t2r eval --out` (export --eval-results)
 
 
 def hub_base_model(name: str | None) -> str | None:
@@ -39,7 +43,15 @@ def hub_base_model(name: str | None) -> str | None:
     if name.lower() in GGUF_ORIGINS:
         return GGUF_ORIGINS[name.lower()]
     target = ALIASES.get(name.lower(), name)
-    return target if HUB_ID.match(target) and not target.startswith((".", "/", "~")) else None
+    local = target.startswith((".", "/", "~")) or Path(target).expanduser().exists()
+    return target if HUB_ID.match(target) and not local else None
+
+
+def public_location(location: str | None) -> str | None:
+    """What a reader passes to from_pretrained: a Hub id as it is, a local folder as ./NAME."""
+    if not location or hub_base_model(location) == location:
+        return location
+    return "./" + public_name(location)
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -94,13 +106,15 @@ def front_matter(info: CardInfo) -> str:
     meta["tags"] = TAGS + (["lora", "peft"] if info.fmt == "adapter" else [])
     meta["library_name"] = "peft" if info.fmt == "adapter" else "transformers"
     meta["pipeline_tag"] = "text-generation"
+    if info.eval_results:
+        meta["model-index"] = model_index(_title(info), info.eval_results)
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
 def _about(info: CardInfo) -> list[str]:
     c = info.config
+    hub_id = hub_base_model(teacher_name(info))
     teacher = teacher_name(info) or "a pretrained model"
-    hub_id = hub_base_model(teacher)
     named = f"`{teacher}`" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id and hub_id != teacher else "")
     L, gsa = c["num_hidden_layers"], list(c.get("gsa_layers") or [])
     softmax = [i for i in range(L) if i not in gsa]
@@ -179,21 +193,26 @@ def _training(info: CardInfo) -> list[str]:
 
 
 def _evaluation(info: CardInfo) -> list[str]:
+    lines = ["## Evaluation", ""]
     ev = (info.summary or {}).get("eval") or {}
-    if not any(ev.get(k) is not None for k in ("teacher_ppl", "converted_ppl_before", "ppl_after")):
-        return ["## Evaluation", "", "No held-out perplexity was recorded for this model."]
-    teacher, after = ev.get("teacher_ppl"), ev.get("ppl_after")
-    ratio = f" ({after / teacher:.2f}x the teacher's)" if teacher and after else ""
-    tokens = f" on {_num(ev.get('eval_tokens'))} held-out tokens" if ev.get("eval_tokens") else ""
-    return ["## Evaluation", "", f"Perplexity{tokens} (lower is better):", "",
-            "| model | perplexity |", "|---|---|",
-            f"| teacher (softmax attention) | {_num(teacher)} |",
-            f"| converted, before finetuning | {_num(ev.get('converted_ppl_before'))} |",
-            f"| **this model** | **{_num(after)}**{ratio} |"]
+    if any(ev.get(k) is not None for k in ("teacher_ppl", "converted_ppl_before", "ppl_after")):
+        teacher, after = ev.get("teacher_ppl"), ev.get("ppl_after")
+        ratio = f" ({after / teacher:.2f}x the teacher's)" if teacher and after else ""
+        tokens = f" on {_num(ev.get('eval_tokens'))} held-out tokens" if ev.get("eval_tokens") else ""
+        lines += [f"Perplexity{tokens} (lower is better):", "",
+                  "| model | perplexity |", "|---|---|",
+                  f"| teacher (softmax attention) | {_num(teacher)} |",
+                  f"| converted, before finetuning | {_num(ev.get('converted_ppl_before'))} |",
+                  f"| **this model** | **{_num(after)}**{ratio} |"]
+    elif not info.eval_results:
+        lines.append("No held-out perplexity was recorded for this model.")
+    if info.eval_results:
+        lines += ([""] if len(lines) > 2 else []) + eval_table(info.eval_results)
+    return lines
 
 
 def _usage_model(info: CardInfo) -> list[str]:
-    loc = info.location
+    loc = public_location(info.location)
     gen = ('inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
            "out = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
            "print(tokenizer.decode(out[0], skip_special_tokens=True))")
@@ -216,7 +235,7 @@ def _usage_model(info: CardInfo) -> list[str]:
 
 
 def _usage_adapter(info: CardInfo) -> list[str]:
-    base, loc = info.base_location or "BASE", info.location
+    base, loc = public_location(info.base_location) or "BASE", public_location(info.location)
     lora = info.lora or {}
     return [
         "## Usage", "",
@@ -258,7 +277,8 @@ def _title(location: str) -> str:
 def relocate_card(card: str, old: str, new: str) -> str:
     """The card of an export written for ``old`` (its local folder, or another repo) now pushed to ``new``:
     the title, and what users pass to from_pretrained and t2r generate, name ``new``."""
-    card = card.replace(f'"{old}"', f'"{new}"').replace(f"`t2r generate {old} ", f"`t2r generate {new} ")
+    for shown in dict.fromkeys((old, public_location(old))):  # the folder as the card names it: ./NAME
+        card = card.replace(f'"{shown}"', f'"{new}"').replace(f"`t2r generate {shown} ", f"`t2r generate {new} ")
     return card.replace(f"\n# {_title(old)}\n", f"\n# {_title(new)}\n", 1)
 
 

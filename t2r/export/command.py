@@ -41,6 +41,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--license", default=None, help="license id for the card (default: the run's record of the "
                    "base model's license)")
+    p.add_argument("--eval-results", default=None, metavar="FILE", help="a JSON written by `t2r eval --out`: its "
+                   "perplexities and lm-eval accuracies go into the card (model-index metadata and a table)")
     p.add_argument("--base-id", default=None, help="with --adapter-only: Hub id or path of the converted base, "
                    "written as the adapter's base_model_name_or_path")
     p.set_defaults(func=run)
@@ -49,6 +51,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     from ..hub import T2RError
+    from .card_eval import read_eval_results
     from .folder import ExportOptions, export
 
     if args.private and not args.push_to_hub:
@@ -58,5 +61,6 @@ def run(args) -> None:
     options = ExportOptions(mode=args.mode, dtype=args.dtype, max_shard_size=args.max_shard_size,
                             push_to_hub=args.push_to_hub, private=args.private, revision=args.revision,
                             commit_message=args.commit_message, overwrite=args.overwrite,
-                            license=args.license, base_id=args.base_id)
+                            license=args.license, base_id=args.base_id,
+                            eval_results=read_eval_results(args.eval_results) if args.eval_results else None)
     export(args.source, args.out, options)

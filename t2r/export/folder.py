@@ -49,6 +49,7 @@ class ExportOptions:
     overwrite: bool = False
     license: str | None = None
     base_id: str | None = None  # adapter exports: where users find the converted base
+    eval_results: dict | None = None  # the JSON of `t2r eval --out`, for the card
 
 
 def _version() -> str:
@@ -123,7 +124,7 @@ def _card_info(src: Source, config: dict, fmt: str, location: str, dtype: str, o
                **extra) -> CardInfo:
     return CardInfo(config=config, fmt=fmt, location=location, dtype=dtype, summary=src.summary,
                     source_kind=src.kind, source_name=src.path.name, license=options.license,
-                    t2r_version=_version(), **extra)
+                    t2r_version=_version(), eval_results=options.eval_results, **extra)
 
 
 def write_model(tmp: Path, src: Source, mode: str, options: ExportOptions, location: str, log) -> dict:
@@ -223,6 +224,9 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
         if not options.push_to_hub or src.kind not in ("export", "adapter-export") or src.hub_id:
             raise T2RError("--out is required (only an existing export folder can be pushed as it is: "
                            "t2r export EXPORT_DIR --push-to-hub ORG/NAME)")
+        if options.eval_results:
+            raise T2RError("--eval-results goes into the card of a new export, and an existing export is pushed as "
+                           "it is; export again with --out DIR --eval-results FILE")
         manifest = verify_export(src.path)
         name_repo(src.path, manifest, options.push_to_hub)
         _push(src.path, options, log)
