@@ -190,8 +190,7 @@ def test_card_from_a_run_carries_the_base_model_license_and_figures(tmp_path):
     assert "| attention_transfer | 40 | 163,840 |" in body and "| finetune | 260 | 1,070,727 |" in body
     assert "| teacher (softmax attention) | 11.52 |" in body and "**14.07** (1.22x the teacher's)" in body
     assert "| memory slots per kv head | 8 |" in body and "| RoPE in GSA layers | dropped |" in body
-    assert 'from_pretrained("./e", trust_remote_code=True)' in body and "import t2r" in body  # no local path in full
-    assert str(tmp_path) not in body
+    assert f'from_pretrained("{tmp_path / "e"}", trust_remote_code=True)' in body and "import t2r" in body
 
 
 def test_card_of_a_plain_converted_folder_comes_from_its_config(tmp_path):

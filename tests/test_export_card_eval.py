@@ -64,12 +64,15 @@ def test_eval_results_go_into_the_cards_model_index_and_table_without_local_path
     assert (f"| corpus.txt | perplexity (32-token rows) | **{ppl['model']:,.2f}** | {ppl['teacher']:,.2f} |"
             in card)
     assert f"| t2r_card_mc | acc (lm-evaluation-harness) | **{acc['model']:.1%}** | {acc['teacher']:.1%} |" in card
-    # the teacher folder, the export, the corpus file: all local, none named in full
-    assert str(tmp_path) not in card and str(tmp_path.resolve()) not in card
-    assert "`teacher` (llama family)" in card and 'from_pretrained("./gsa-export", trust_remote_code=True)' in card
+    # the teacher folder and the corpus file are local: named by their last part only (the usage snippet
+    # names the export's own folder until it is pushed, when it names the repo)
+    for local in ("teacher", "corpus.txt", "task.yaml", "q.jsonl"):
+        assert str(tmp_path / local) not in card and str(tmp_path.resolve() / local) not in card
+    export = tmp_path / "gsa-export"
+    assert "`teacher` (llama family)" in card and f'from_pretrained("{export}", trust_remote_code=True)' in card
 
 
-def test_bad_eval_results_are_one_line_errors_before_any_work(tmp_path, capsys):
+def test_bad_eval_results_are_one_line_errors_before_any_work(tmp_path, capsys, monkeypatch):
     assert main(["convert", "tiny-random-llama", "--out", str(tmp_path / "cnv"), "--num-slots", "8"]) == 0
     capsys.readouterr()
     (tmp_path / "text.json").write_text("perplexity: 3.1")
@@ -84,6 +87,7 @@ def test_bad_eval_results_are_one_line_errors_before_any_work(tmp_path, capsys):
     (tmp_path / "ok.json").write_text(json.dumps({"seq_len": 64, "corpora": {"python-stdlib": {"model": 3.5}}}))
     assert main(["export", str(tmp_path / "cnv"), "--out", str(tmp_path / "e")]) == 0
     capsys.readouterr()
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")  # refused before any upload is tried
     assert main(["export", str(tmp_path / "e"), "--push-to-hub", "org/name",
                  "--eval-results", str(tmp_path / "ok.json")]) == 2
     assert "export again with --out DIR --eval-results FILE" in capsys.readouterr().err  # a pushed export is as it is

@@ -1,6 +1,7 @@
 """The model card (README.md) of an export: what the model is, how it was made, how well it does
 against its teacher, how to load it with and without t2r, and the base model's license. A card is
-written to be published: local paths appear by their last part only, never in full."""
+written to be published: other local paths (a teacher folder, a corpus file) appear by their last part
+only; the export's own folder is named in the usage lines until it is pushed, when they name the repo."""
 from __future__ import annotations
 
 import re
@@ -45,13 +46,6 @@ def hub_base_model(name: str | None) -> str | None:
     target = ALIASES.get(name.lower(), name)
     local = target.startswith((".", "/", "~")) or Path(target).expanduser().exists()
     return target if HUB_ID.match(target) and not local else None
-
-
-def public_location(location: str | None) -> str | None:
-    """What a reader passes to from_pretrained: a Hub id as it is, a local folder as ./NAME."""
-    if not location or hub_base_model(location) == location:
-        return location
-    return "./" + public_name(location)
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -107,7 +101,7 @@ def front_matter(info: CardInfo) -> str:
     meta["library_name"] = "peft" if info.fmt == "adapter" else "transformers"
     meta["pipeline_tag"] = "text-generation"
     if info.eval_results:
-        meta["model-index"] = model_index(_title(info), info.eval_results)
+        meta["model-index"] = model_index(_title(info.location), info.eval_results)
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
@@ -212,7 +206,7 @@ def _evaluation(info: CardInfo) -> list[str]:
 
 
 def _usage_model(info: CardInfo) -> list[str]:
-    loc = public_location(info.location)
+    loc = info.location
     gen = ('inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
            "out = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
            "print(tokenizer.decode(out[0], skip_special_tokens=True))")
@@ -235,7 +229,7 @@ def _usage_model(info: CardInfo) -> list[str]:
 
 
 def _usage_adapter(info: CardInfo) -> list[str]:
-    base, loc = public_location(info.base_location) or "BASE", public_location(info.location)
+    base, loc = info.base_location or "BASE", info.location
     lora = info.lora or {}
     return [
         "## Usage", "",
@@ -277,8 +271,7 @@ def _title(location: str) -> str:
 def relocate_card(card: str, old: str, new: str) -> str:
     """The card of an export written for ``old`` (its local folder, or another repo) now pushed to ``new``:
     the title, and what users pass to from_pretrained and t2r generate, name ``new``."""
-    for shown in dict.fromkeys((old, public_location(old))):  # the folder as the card names it: ./NAME
-        card = card.replace(f'"{shown}"', f'"{new}"').replace(f"`t2r generate {shown} ", f"`t2r generate {new} ")
+    card = card.replace(f'"{old}"', f'"{new}"').replace(f"`t2r generate {old} ", f"`t2r generate {new} ")
     return card.replace(f"\n# {_title(old)}\n", f"\n# {_title(new)}\n", 1)
 
 

@@ -40,7 +40,7 @@ def test_mistyped_keys_are_named_with_their_path_and_a_suggestion(tmp_path):
     assert "stages.1.finetune.lora.rnak: unknown key; did you mean 'rank'?" in msg
 
 
-def test_bad_values_fail_before_any_work(tmp_path):
+def test_bad_yaml_values_name_the_key(tmp_path):
     path = _write(tmp_path, BASE.replace("steps: 3", "steps: 0").replace("seq_len: 64", "seq_len: many"))
     with pytest.raises(T2RError) as err:
         load_config(path)
