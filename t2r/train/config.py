@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..convert import ConversionOptions
 from ..hub import T2RError, converted_config
@@ -172,6 +172,23 @@ class EvalConfig(Strict):
     before: bool = Field(True, description="measure the converted model before training")
 
 
+class LossConfig(Strict):
+    """How the finetune losses (next-token cross-entropy, KL to the teacher) are computed. Every choice
+    gives the same values; they differ in memory and speed."""
+    fused: Literal["auto", "liger", "chunked", "off"] = Field(
+        "auto", description="auto: liger on CUDA when liger-kernel imports (pip install 't2r[fused]'), else chunked; "
+        "liger: liger-kernel's fused linear cross-entropy and JSD (beta 0: the forward KL) kernels; chunked: "
+        "the output projection and both losses a chunk of tokens at a time, recomputed in backward (pure torch); "
+        "off: the model's full logits in fp32 (memory grows with tokens x vocabulary)")
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the chunked losses")
+
+    @field_validator("fused", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        """YAML reads a bare off/no/false as False (and on/yes/true as True): off, and auto."""
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+
 class LoggingConfig(Strict):
     every_steps: int = Field(1, ge=1)
     tensorboard: bool = True
@@ -191,6 +208,7 @@ class RunConfig(Strict):
         "auto", description="auto: bf16 mixed precision on GPUs that have it, fp32 on CPU")
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    loss: LossConfig = LossConfig()
     logging: LoggingConfig = LoggingConfig()
     output_dir: str = "runs/t2r"
     seed: int = 0

@@ -27,6 +27,7 @@ from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_sources, packed_rows
 from .lock import run_lock
+from .losses import resolve_fused
 from .stages import (add_lora, count_targets, frozen_teacher, load_model, run_lora_config, set_trainable,
                      stage_loss_sum, stage_parameters)
 
@@ -127,6 +128,8 @@ class Run:
             raise T2RError("t2r finetune does not run under DeepSpeed yet (it builds one optimizer per stage); "
                            "use DDP or FSDP in your accelerate config")
         set_seed(config.seed)
+        # which loss path (loss.fused) runs here; a 'liger' that cannot run fails now, before any work
+        self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device)
         self.state = read_trainer_state(latest) if latest is not None else TrainerState()
         self.resumed_from = latest
         self._stop_signal = 0
@@ -160,6 +163,8 @@ class Run:
         self.eval_rows = list(eval_rows.take(n_eval) if not hasattr(eval_rows, "__len__")
                               else eval_rows.select(range(min(n_eval, len(eval_rows))))) if eval_rows else []
         self.lora = run_lora_config(cfg.stages)
+        if any(isinstance(s, FinetuneStage) for s in cfg.stages):
+            self._main_log(f"finetune losses: {self.fused} ({self._fused_why})")
         full_kl = any(isinstance(s, FinetuneStage) and s.lora is None and s.kl_weight > 0 for s in cfg.stages)
         self.teacher = frozen_teacher(model).to(acc.device) if full_kl else None
         if self.lora is not None:
@@ -257,7 +262,8 @@ class Run:
             sync = i == len(batches) - 1
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
-                loss_sum, parts = stage_loss_sum(self.model, batch, stage, self.teacher)
+                loss_sum, parts = stage_loss_sum(self.model, batch, stage, self.teacher, self.fused,
+                                                 self.config.loss.chunk_size)
                 acc.backward(loss_sum * scale)
             for k, v in {"loss": loss_sum.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0) + v.float()
@@ -522,6 +528,7 @@ class Run:
                                          for k in ("transfer_error_before", "transfer_error_after")
                                          if k in self.state.evals},
             "license": ALIAS_LICENSES.get(cfg.model.source.lower()),
+            "finetune_losses": self.fused,
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if torch.cuda.is_available() else None,
             "train_tokens_per_s": self._throughput(),

@@ -4,11 +4,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ..hub import T2RError
-from ..models.modeling_t2r import T2RPreTrainedModel, next_token_targets
+from ..models.modeling_t2r import T2RPreTrainedModel, causal_lm_loss, next_token_targets
 from .config import AttentionTransferStage, FinetuneStage, LoraConfig, ModelConfig
+from .losses import kl_sum, next_token_losses
 
 GSA_MODULES = T2RPreTrainedModel.gsa_new_modules
 
@@ -130,29 +130,67 @@ def frozen_teacher(model):
     return teacher
 
 
-def stage_loss_sum(model, batch: dict, stage, teacher=None) -> tuple[torch.Tensor, dict]:
+def causal_lm(model):
+    """The T2RForCausalLM inside whatever wraps it (DDP, peft)."""
+    core = model.module if hasattr(model, "module") and not hasattr(model, "get_base_model") else model
+    return core.get_base_model() if hasattr(core, "get_base_model") else core
+
+
+def final_hidden(model, inputs: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(the final hidden states [B, T, D] that ``lm_head`` takes, ``lm_head``) of one forward of
+    ``model`` (through its wrappers, so DDP and FSDP see an ordinary forward), without the full
+    logits: the forward projects only the last position (``logits_to_keep=1``) and a hook on the
+    decoder stack keeps its output."""
+    core = causal_lm(model)
+    kept = []
+    handle = core.model.register_forward_hook(lambda module, args, out: kept.append(out[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return kept[-1], core.get_output_embeddings()
+
+
+def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, dict]:
     """Sum of the stage's per-token losses over the batch, and its parts (for logging). The KL
     term's teacher is ``teacher`` (run as softmax attention) or, with LoRA, the model's own weights
-    with adapters off."""
+    with adapters off. ``fused`` ('off', 'chunked' or 'liger', see t2r.train.losses): 'off' takes
+    the losses from the full fp32 logits; the others from the final hidden states, a chunk of tokens
+    at a time (the same values)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if isinstance(stage, AttentionTransferStage):
         loss = model(**inputs, attention_transfer=True).loss
         return loss, {"transfer_mse": loss.detach()}
-    out = model(**inputs, use_cache=False)
     target = next_token_targets(batch["labels"], batch.get("cu_seqlens"))
-    logits = out.logits.float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                         reduction="sum")
+    with_kl = stage.kl_weight > 0
+
+    def teacher_context():
+        return teacher.teacher_mode() if teacher is not None else teacher_weights(model)
+
+    if fused == "off":
+        logits = model(**inputs, use_cache=False).logits.float()
+        ce = causal_lm_loss(logits, batch["labels"], batch.get("cu_seqlens"), reduction="sum")
+        if with_kl:
+            with torch.no_grad(), teacher_context():
+                teacher_logits = (teacher or model)(**inputs, use_cache=False).logits.float()
+            valid = (target != -100).reshape(-1)
+            vocab = logits.shape[-1]
+            kl = kl_sum(logits.reshape(-1, vocab)[valid], teacher_logits.reshape(-1, vocab)[valid],
+                        stage.kl_temperature)
+    else:
+        hidden, head = final_hidden(model, inputs)
+        teacher_hidden = teacher_head = None
+        if with_kl:
+            # the teacher's lm_head is applied after its forward, outside teacher_context: neither
+            # teacher mode nor disabled adapters touch it (LoRA never wraps lm_head)
+            with torch.no_grad(), teacher_context():
+                teacher_hidden, teacher_head = final_hidden(teacher or model, inputs)
+        ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, stage.kl_temperature,
+                                   how=fused, chunk_size=chunk_size)
     parts = {"ce": ce.detach()}
     loss = ce
-    if stage.kl_weight > 0:
-        with torch.no_grad(), (teacher.teacher_mode() if teacher is not None else teacher_weights(model)):
-            teacher_logits = (teacher or model)(**inputs, use_cache=False).logits.float()
-        t = stage.kl_temperature
-        valid = (target != -100).reshape(-1)
-        log_p = F.log_softmax(teacher_logits.reshape(-1, logits.shape[-1])[valid] / t, -1)
-        log_q = F.log_softmax(logits.reshape(-1, logits.shape[-1])[valid] / t, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum() * t * t
+    if with_kl:
         parts["kl"] = kl.detach()
         loss = loss + stage.kl_weight * kl
     return loss, parts
