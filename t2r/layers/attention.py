@@ -20,8 +20,9 @@ class AttentionContext:
     cu_seqlens: [N + 1] offsets of packed documents over the flattened B * T tokens (None: one
                 sequence per row). Only without a cache.
     doc_ids:    [B, T] document index of each token, the same boundaries as cu_seqlens.
-    positions:  [B, T] position of each token in its sequence (its document, when packed; real
-                tokens only, when left-padded).
+    positions:  [B, T] index of each token in the sequence the layers see (its document, when
+                packed; real tokens only, when left-padded), whatever position ids the caller gave
+                RoPE: the window hybrid counts the tokens older than its window with it.
     """
 
     cos: torch.Tensor

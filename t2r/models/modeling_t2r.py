@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from t2r.layers.attention import AttentionContext, SoftmaxAttention
@@ -28,6 +28,7 @@ from .configuration_t2r import T2RConfig
 
 # The name of the cache in model outputs: `past_key_values` up to transformers 5.2x, `cache` after.
 CACHE_OUTPUT_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+BASE_CACHE_OUTPUT_KEY = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def output_cache(outputs) -> T2RCache | None:
@@ -110,6 +111,96 @@ def _doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return (idx - first).view_as(doc_ids)
 
 
+def _starts_to_cu_seqlens(starts: torch.Tensor) -> torch.Tensor:
+    """Offsets [N + 1] over the flattened batch from a [B, T] bool marking each document's first
+    token (every row starts one)."""
+    starts = starts.clone()
+    starts[:, 0] = True
+    first = starts.reshape(-1).nonzero().flatten()
+    return torch.cat([first, first.new_tensor([starts.numel()])])
+
+
+def _same_offsets(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool((a.long() == b.to(a.device).long()).all())
+
+
+def _has_padding(attention_mask) -> bool:
+    return attention_mask is not None and not bool(attention_mask.bool().all())
+
+
+def packed_cu_seqlens(B: int, T: int, *, attention_mask=None, position_ids=None, past: int = 0, cu_seqlens=None,
+                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                      seq_idx=None) -> torch.Tensor | None:
+    """The packed documents of a B x T batch as offsets [N + 1] over its flattened tokens, however the
+    caller marked them, or None (each row is one sequence). The forms, which must agree when several
+    are given:
+
+    - ``cu_seqlens``: t2r's own (``t2r.train.data.collate``);
+    - ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (and ``max_length_q`` / ``max_length_k``, checked):
+      transformers' flash-attention kwargs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``,
+      TRL's padding-free collator);
+    - ``seq_idx`` [B, T]: the document index of each token (TRL's padding-free collator);
+    - ``position_ids`` that restart at 0 inside a row (TRL's padding-free collator,
+      ``DataCollatorWithFlattening``): a document starts at every 0, as transformers reads them for
+      flash attention. Read so only when nothing else marks documents, without a cache and without
+      padding (no ``attention_mask``, or one of all ones); otherwise position ids are only positions.
+    """
+    given = [(n, c) for n, c in (("cu_seqlens", cu_seqlens), ("cu_seq_lens_q", cu_seq_lens_q),
+                                  ("cu_seq_lens_k", cu_seq_lens_k)) if c is not None]
+    for name, c in given:
+        if not torch.is_tensor(c) or c.ndim != 1 or c.dtype.is_floating_point or c.dtype == torch.bool:
+            got = f"{c.dtype} of shape {tuple(c.shape)}" if torch.is_tensor(c) else type(c).__name__
+            raise ValueError(f"{name} must be a 1-D integer tensor of document offsets [N + 1], got {got}")
+    cu, source = (given[0][1], given[0][0]) if given else (None, None)
+    for name, c in given[1:]:
+        if not _same_offsets(cu, c):
+            raise ValueError(f"{source} and {name} mark different documents ({cu.tolist()} and {c.tolist()}); "
+                             "a decoder's queries and keys are the same tokens")
+    if seq_idx is not None:
+        if not torch.is_tensor(seq_idx) or tuple(seq_idx.shape) != (B, T):
+            got = tuple(seq_idx.shape) if torch.is_tensor(seq_idx) else type(seq_idx).__name__
+            raise ValueError(f"seq_idx must give each token's document index, shape {(B, T)} (batch, length); "
+                             f"got {got}")
+        starts = torch.zeros(B, T, dtype=torch.bool, device=seq_idx.device)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        from_idx = _starts_to_cu_seqlens(starts)
+        if cu is None:
+            cu, source = from_idx, "seq_idx"
+        elif not _same_offsets(cu, from_idx):
+            raise ValueError(f"{source} and seq_idx mark different documents ({cu.tolist()} and {from_idx.tolist()})")
+    if cu is None and position_ids is not None and past == 0 and not _has_padding(attention_mask) and T > 1:
+        if position_ids.ndim == 2 and position_ids.shape[0] in (1, B) and position_ids.shape[1] == T:
+            restarts = position_ids.expand(B, T)[:, 1:] == 0
+            if bool(restarts.any()):
+                cu = _starts_to_cu_seqlens(F.pad(restarts, (1, 0), value=True))
+                source = "position_ids"
+    for name, longest in (("max_length_q", max_length_q), ("max_length_k", max_length_k)):
+        if longest is None:
+            continue
+        if cu is None:
+            raise ValueError(f"{name} was given but no packed documents (cu_seq_lens_q / cu_seq_lens_k)")
+        actual = int((cu[1:] - cu[:-1]).max())
+        if int(longest) != actual:
+            raise ValueError(f"{name}={int(longest)}, but the longest document that {source} marks has {actual} tokens")
+    return cu
+
+
+def _pick_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("two caches given: pass it as cache or as past_key_values, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, T2RCache):
+        raise TypeError(f"the cache must be a T2RCache (GSA states, window buffers, softmax keys and values), got "
+                        f"{type(cache).__name__}; leave it out and the model makes its own")
+    return cache
+
+
+def _refuse_attention_weights(output_attentions) -> None:
+    if output_attentions:
+        raise ValueError("output_attentions=True: a converted model returns no attention weights (GSA layers "
+                         "compute none, softmax layers run fused attention)")
+
+
 class T2RModel(T2RPreTrainedModel):
     def __init__(self, config: T2RConfig):
         super().__init__(config)
@@ -120,19 +211,14 @@ class T2RModel(T2RPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
     def context(self, h, attention_mask, position_ids, cu_seqlens, past: int) -> AttentionContext:
         B, T = h.shape[:2]
-        doc_ids = None
-        if cu_seqlens is not None:
-            if past or attention_mask is not None:
-                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache or an attention_mask")
-            if int(cu_seqlens[-1]) != B * T:
-                raise ValueError(f"cu_seqlens must end at batch x length = {B * T}, got {int(cu_seqlens[-1])}")
-            rows = torch.arange(0, B * T + 1, T, device=cu_seqlens.device)
-            if not bool(torch.isin(rows, cu_seqlens.to(rows.device)).all()):
-                raise ValueError(f"cu_seqlens must contain every row boundary (multiples of {T}): "
-                                 "a packed document may not continue into the next row")
-            doc_ids = _cu_seqlens_to_doc_ids(cu_seqlens, B, T)
         if attention_mask is not None:
             attention_mask = attention_mask.bool()
             if attention_mask.shape != (B, past + T):
@@ -142,23 +228,59 @@ class T2RModel(T2RPreTrainedModel):
                 )
             if bool(attention_mask.all()):
                 attention_mask = None
-        if position_ids is None:
-            if doc_ids is not None:
-                position_ids = _doc_positions(doc_ids)
-            elif attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=h.device).expand(B, T)
-        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        if position_ids is not None and (position_ids.ndim != 2 or position_ids.shape[1] != T
+                                         or position_ids.shape[0] not in (1, B)):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, T)} (batch, length)")
+        doc_ids = None
+        if cu_seqlens is not None:
+            if past or attention_mask is not None:
+                raise ValueError("packed documents (cu_seqlens, cu_seq_lens_q/k, seq_idx or restarting position_ids) "
+                                 "cannot be combined with a cache or with padding (an attention_mask with zeros)")
+            cu_seqlens = cu_seqlens.to(h.device)
+            if int(cu_seqlens[0]) != 0 or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+                raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu_seqlens.tolist()}")
+            if int(cu_seqlens[-1]) != B * T:
+                raise ValueError(f"cu_seqlens must end at batch x length = {B * T}, got {int(cu_seqlens[-1])}")
+            rows = torch.arange(0, B * T + 1, T, device=cu_seqlens.device)
+            if not bool(torch.isin(rows, cu_seqlens.long()).all()):
+                raise ValueError(f"cu_seqlens must contain every row boundary (multiples of {T}): "
+                                 "a packed document may not continue into the next row")
+            doc_ids = _cu_seqlens_to_doc_ids(cu_seqlens, B, T)
+        # Each token's index in the sequence the layers see (its document, when packed; its real tokens,
+        # when left-padded): what the window hybrid counts with. RoPE takes the caller's position_ids
+        # where given (a padding-free collator restarts them per document, as here).
+        if doc_ids is not None:
+            positions = _doc_positions(doc_ids)
+        elif attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
+        else:
+            positions = torch.arange(past, past + T, device=h.device).expand(B, T)
+        cos, sin = self.rotary_emb(positions if position_ids is None else position_ids, h.dtype)
         return AttentionContext(cos=cos, sin=sin, key_mask=attention_mask, cu_seqlens=cu_seqlens, doc_ids=doc_ids,
-                                positions=position_ids)
+                                positions=positions)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: T2RCache | None = None,
-                inputs_embeds=None, cu_seqlens=None, output_hidden_states: bool = False):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, *, cache=None,
+                cu_seqlens=None, output_attentions=None, cache_position=None, cu_seq_lens_q=None,
+                cu_seq_lens_k=None, max_length_q=None, max_length_k=None, seq_idx=None):
+        """The decoder without its LM head: ``last_hidden_state`` (after the final norm), the cache
+        (``use_cache``, default: the config's, outside training; never for packed documents) and, with
+        ``output_hidden_states``, the embeddings and every layer's output. The arguments are those of
+        ``T2RForCausalLM.forward``; an unknown one is refused (TypeError naming it)."""
+        _refuse_attention_weights(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = _pick_cache(cache, past_key_values)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
+        cu_seqlens = packed_cu_seqlens(
+            B, T, attention_mask=attention_mask, position_ids=position_ids, past=past, cu_seqlens=cu_seqlens,
+            cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q,
+            max_length_k=max_length_k, seq_idx=seq_idx)
+        use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
+        if use_cache and cache is None and cu_seqlens is None:
+            cache = T2RCache(self.config.num_hidden_layers)
         ctx = self.context(h, attention_mask, position_ids, cu_seqlens, past)
         hidden = [h] if output_hidden_states else None
         for layer in self.layers:
@@ -173,11 +295,16 @@ class T2RModel(T2RPreTrainedModel):
         h = self.norm(h)
         if hidden is not None:
             hidden[-1] = h
-        return h, (tuple(hidden) if hidden is not None else None)
+        out = BaseModelOutputWithPast(last_hidden_state=h, hidden_states=tuple(hidden) if hidden is not None else None,
+                                      **{BASE_CACHE_OUTPUT_KEY: cache})
+        return out if return_dict is not False else out.to_tuple()
 
 
 class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The loss honours num_items_in_batch (summed over targets, divided by it), so transformers'
+    # Trainer passes it and leaves the loss unscaled under gradient accumulation.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: T2RConfig):
         super().__init__(config)
@@ -193,36 +320,65 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None, cu_seqlens=None,
-                logits_to_keep: int = 0, output_hidden_states: bool = False, attention_transfer: bool = False,
-                return_dict=None, **kwargs):
-        """Causal LM forward. ``cu_seqlens`` ([N + 1] offsets over the flattened batch) marks
-        packed documents: no state or attention crosses a boundary. ``labels`` are shifted inside;
-        -100 is ignored.
+                logits_to_keep: int | torch.Tensor = 0, output_hidden_states=None, attention_transfer: bool = False,
+                return_dict=None, *, num_items_in_batch=None, output_attentions=None,
+                cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                seq_idx=None):
+        """Causal LM forward. ``labels`` are shifted inside (-100 ignored). The loss is the mean over
+        targets, or with ``num_items_in_batch`` their sum divided by it (what transformers' Trainer
+        passes under gradient accumulation).
+
+        Packed documents (no state or attention crosses a boundary; RoPE positions restart in each) come
+        as t2r's ``cu_seqlens`` ([N + 1] offsets over the flattened batch), transformers'
+        flash-attention kwargs ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
+        ``max_length_k``, ``seq_idx``, or ``position_ids`` restarting at 0 inside a row (padding-free
+        collators); see ``packed_cu_seqlens``. No prediction crosses a boundary either.
+
+        Accepted for transformers' and TRL's sake: ``past_key_values`` (the ``cache``), ``return_dict``
+        (False: a tuple), ``output_attentions`` (only False: there are no attention weights),
+        ``cache_position`` (ignored: the cache counts its tokens), ``logits_to_keep`` (the last N
+        positions, or a tensor of indices). Any other keyword is refused with a TypeError naming it
+        (``shift_labels`` too: a parameter named like a label would make Trainer's evaluation expect
+        it in every batch).
 
         ``attention_transfer=True``: every GSA layer is fed the teacher's hidden states and the
         output's ``loss`` is the sum over GSA layers and real tokens of the per-token mean squared
         error between the layer's output and the teacher's softmax attention output (no logits).
         """
+        _refuse_attention_weights(output_attentions)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = _pick_cache(cache, past_key_values)
+        B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        cu_seqlens = packed_cu_seqlens(
+            B, T, attention_mask=attention_mask, position_ids=position_ids, past=past, cu_seqlens=cu_seqlens,
+            cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q,
+            max_length_k=max_length_k, seq_idx=seq_idx)
         if attention_transfer:
             return self._attention_transfer(input_ids, attention_mask, position_ids, cu_seqlens)
-        cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
-        if use_cache and cache is None and cu_seqlens is None:
-            cache = T2RCache(self.config.num_hidden_layers)
-        h, hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, cu_seqlens,
-                               output_hidden_states)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if not keep_all and labels is not None:
+            raise ValueError("logits_to_keep drops positions that labels need; leave it out when computing a loss")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         cache=cache, cu_seqlens=cu_seqlens)
+        h = out.last_hidden_state
+        if not keep_all:
+            h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, cu_seqlens)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden, **{CACHE_OUTPUT_KEY: cache})
+            loss = causal_lm_loss(logits, labels, cu_seqlens, num_items_in_batch=num_items_in_batch)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_OUTPUT_KEY: out.get(BASE_CACHE_OUTPUT_KEY)})
+        return output if return_dict is not False else output.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, **kwargs):
+                                      inputs_embeds=None, use_cache=True, logits_to_keep=None, **kwargs):
         """Feed only the tokens the cache has not seen; positions follow the attention mask so a
-        left-padded row decodes like the same prompt alone."""
+        left-padded row decodes like the same prompt alone. ``logits_to_keep`` (generate asks for the
+        last position only) and requests for hidden states or attentions pass on to ``forward``."""
         cache = cache if cache is not None else past_key_values
         seen = cache.get_seq_length() if isinstance(cache, T2RCache) else 0
         inputs = {"cache": cache if isinstance(cache, T2RCache) else None, "use_cache": use_cache,
@@ -231,6 +387,11 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             inputs["inputs_embeds"] = inputs_embeds
         else:
             inputs["input_ids"] = input_ids[:, seen:]
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        for key in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(key) is not None:
+                inputs[key] = kwargs[key]
         return inputs
 
     def _attention_transfer(self, input_ids, attention_mask, position_ids, cu_seqlens):
@@ -242,7 +403,8 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         for m in layers:
             m.transfer = True
         try:
-            self.model(input_ids, attention_mask, position_ids, None, None, cu_seqlens)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, cu_seqlens=cu_seqlens)
             errors = torch.stack([m.transfer_error for m in layers])  # [layers, B, T]
         finally:
             self.model.gradient_checkpointing = checkpointing
@@ -303,8 +465,18 @@ def next_token_targets(labels: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     return target
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, reduction: str = "mean"):
-    """Next-token cross-entropy over the positions that have a target (mean, or sum)."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, reduction: str = "mean",
+                   num_items_in_batch=None):
+    """Next-token cross-entropy over the positions that have a target: their mean, their sum
+    (``reduction="sum"``), or with ``num_items_in_batch`` their sum divided by it (transformers'
+    Trainer counts the targets of the whole accumulated batch, so the micro-batches' losses add up
+    to its mean)."""
     target = next_token_targets(labels, cu_seqlens)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction=reduction)
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    target = target.reshape(-1).to(flat_logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, target, ignore_index=-100, reduction=reduction)
+    total = F.cross_entropy(flat_logits, target, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
