@@ -16,7 +16,7 @@ cancels exactly between the query side and the key side of a decay (the diagonal
 token's own write into the state leaving the chunk) is left out rather than subtracted, so dg
 keeps its relative accuracy when the forget gates are near 0 and dg is tiny. Kernels: `prep`
 (p, dY, R), the state-gradient contributions with the intra-chunk ds parts and their scan
-(chunk_state_triton), `dqkv` (dq, dk per key tile, dv per value tile, with partial sums for ds
+(_triton_chunk_state), `dqkv` (dq, dk per key tile, dv per value tile, with partial sums for ds
 and dg) and `finish` (ds, dg).
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd_triton import chunk_logits
-from .chunk_intra_triton import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
+from ._triton_chunk_fwd import chunk_logits
+from ._triton_intra import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra_triton import THRESH, chunk_gates, diag, masked_softmax, op1, op2
+from ._triton_intra import THRESH, chunk_gates, diag, masked_softmax, op1, op2
 
 
 @triton.jit

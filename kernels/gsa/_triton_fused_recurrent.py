@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra_triton import vmax, vsum
-from .common_triton import prepare
+from ._triton_inputs import prepare
+from ._triton_intra import vmax, vsum
 from .utils import GSAInputError
 
 

@@ -2,12 +2,12 @@
 
 Kernels per call (chunk size C):
 
-    forward   chunk-parallel state contributions, then a scan over chunks (chunk_state_triton)
-              fused pass 1 + softmax + pass 2 (chunk_fwd_triton)
-    backward  prep: p, dY, R (chunk_bwd_triton)
+    forward   chunk-parallel state contributions, then a scan over chunks (_triton_chunk_state)
+              fused pass 1 + softmax + pass 2 (_triton_chunk_fwd)
+    backward  prep: p, dY, R (_triton_chunk_bwd)
               chunk-parallel state-gradient contributions and intra-chunk ds parts, then a reverse
-              scan (chunk_state_triton)
-              dq, dk per key tile | dv per value tile; then ds, dg (chunk_bwd_triton)
+              scan (_triton_chunk_state)
+              dq, dk per key tile | dv per value tile; then ds, dg (_triton_chunk_bwd)
 
 The first version (before 2026-11-28, removed; 1.85-2.7x slower for forward+backward on the H200,
 docs/benchmarks.md) walked all chunks of a sequence in one program per state and gave all input
@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .chunk_bwd_triton import backward_inputs_split, backward_prep
-from .chunk_fwd_triton import forward_output
-from .chunk_state_triton import backward_states_scan, forward_states_scan
-from .common_triton import chunk_tables, prepare
+from ._triton_chunk_bwd import backward_inputs_split, backward_prep
+from ._triton_chunk_fwd import forward_output
+from ._triton_chunk_state import backward_states_scan, forward_states_scan
+from ._triton_inputs import chunk_tables, prepare
 
 # Tunables (the benchmark may override them): chunk size; warps per kernel family; "stages": software
 # pipelining stages, overridden per family by "stages_<kernel>" (state, fwd, prep, local, split);

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra_triton import THRESH, chunk_gates, diag, op1t, vsum
+from ._triton_intra import THRESH, chunk_gates, diag, op1t, vsum
 
 
 # ------------------------------------------------------------------ chunk-parallel form + scan
