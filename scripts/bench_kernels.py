@@ -82,10 +82,10 @@ def leaves(xs):
 
 def kernel_stats():
     """Registers and spills of every compiled t2r kernel (where this Triton exposes them)."""
-    from t2r.kernels.gsa import chunk_bwd_triton, chunk_fwd_triton, chunk_state_triton, recurrent_triton
+    from t2r.kernels.gsa import _triton_chunk_bwd, _triton_chunk_fwd, _triton_chunk_state, _triton_fused_recurrent
 
     out = {}
-    for mod in (chunk_state_triton, chunk_fwd_triton, chunk_bwd_triton, recurrent_triton):
+    for mod in (_triton_chunk_state, _triton_chunk_fwd, _triton_chunk_bwd, _triton_fused_recurrent):
         for name in dir(mod):
             fn = getattr(mod, name)
             caches = getattr(fn, "device_caches", None)
@@ -268,7 +268,7 @@ def profile_step(T, steps=5):
     """Per-kernel GPU time of one t2r forward+backward at B x T (torch.profiler, mean over `steps`),
     against each kernel's FLOP and byte floors, for the current CONFIG."""
     from t2r.kernels.gsa import chunk_gsa
-    from t2r.kernels.gsa import chunk_triton as ct
+    from t2r.kernels.gsa import _triton_chunk as ct
 
     B = TOKENS // T
     x = inputs(B, T, seed=1)
@@ -435,7 +435,7 @@ def tables(gpu, versions):
     return "\n".join(lines)
 
 
-# Kernel configurations the sweep times against the default (chunk_triton.CONFIG): name, changes,
+# Kernel configurations the sweep times against the default (_triton_chunk.CONFIG): name, changes,
 # whether to time it at every T of the run (else at the first only). In order of interest: the
 # budget (--budget-s) drops the last ones first.
 SWEEP = [
@@ -455,18 +455,18 @@ SCAN_DEFAULT: tuple = ()
 def use_config(change, base=None):
     """Apply one SWEEP change (kernel CONFIG keys, plus scan_nb / scan_be: the state scans' chunks per
     step and elements per program), or with change=None restore `base` and the scan defaults."""
-    from t2r.kernels.gsa import chunk_state_triton as cs
-    from t2r.kernels.gsa import chunk_triton
+    from t2r.kernels.gsa import _triton_chunk_state as cs
+    from t2r.kernels.gsa import _triton_chunk
 
     global SCAN_DEFAULT
     if not SCAN_DEFAULT:
         SCAN_DEFAULT = (cs.SCAN_NB, cs.SCAN_BE)
     if change is None:
-        chunk_triton.CONFIG.clear()
-        chunk_triton.CONFIG.update(base)
+        _triton_chunk.CONFIG.clear()
+        _triton_chunk.CONFIG.update(base)
         cs.SCAN_NB, cs.SCAN_BE = SCAN_DEFAULT
         return
-    chunk_triton.CONFIG.update({k: v for k, v in change.items() if not k.startswith("scan_")})
+    _triton_chunk.CONFIG.update({k: v for k, v in change.items() if not k.startswith("scan_")})
     cs.SCAN_NB = change.get("scan_nb", SCAN_DEFAULT[0])
     cs.SCAN_BE = change.get("scan_be", SCAN_DEFAULT[1])
 
@@ -527,7 +527,7 @@ def main():
         ap.error(f"--breakdown-configs: unknown {sorted(unknown)}; choose from {sorted(known)}")
     import triton
 
-    from t2r.kernels.gsa import chunk_triton
+    from t2r.kernels.gsa import _triton_chunk
 
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
     try:
@@ -557,7 +557,7 @@ def main():
         traceback.print_exc()
     save(args.out)
     if args.breakdown and DEV == "cuda":
-        base = dict(chunk_triton.CONFIG)
+        base = dict(_triton_chunk.CONFIG)
         named = {"default": {}, **{n: c for n, c, _ in SWEEP}}
         for name in args.breakdown_configs.split(","):
             change = named[name]
@@ -574,7 +574,7 @@ def main():
         save(args.out)
     log("\n" + tables(gpu, versions))
     if args.sweep:
-        base = dict(chunk_triton.CONFIG)
+        base = dict(_triton_chunk.CONFIG)
         for name, change, every_t in SWEEP:
             if time.time() - t0 > args.budget_s:
                 log(f"sweep {name}: skipped (budget)")
@@ -616,7 +616,7 @@ def main():
             log("fla stopped:", repr(e)[:300])
         signal.alarm(0)
     RESULTS["meta"] = {"gpu": gpu, "versions": versions, "date": datetime.date.today().isoformat(),
-                       "config": dict(chunk_triton.CONFIG), "seconds": time.time() - t0}
+                       "config": dict(_triton_chunk.CONFIG), "seconds": time.time() - t0}
     save(args.out)
     table = tables(gpu, versions)
     with open(os.path.join(args.out, "bench.md"), "w") as f:

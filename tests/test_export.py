@@ -42,7 +42,7 @@ report.update(cls=type(model).__module__ + "." + type(model).__name__, dtype=str
               g_norm=str(model.model.layers[0].self_attn.g_norm.weight.dtype),
               tokens=tok("def f(x): return x")["input_ids"], generated=gen.tolist(),
               triton_modules=sorted(k.rsplit(".", 1)[-1] for k in sys.modules
-                                     if k.startswith("transformers_modules.") and k.endswith("_triton")))
+                                     if k.startswith("transformers_modules.") and "._triton_" in k))
 save_file({"logits": logits.contiguous()}, "logits.safetensors")
 print("REPORT" + json.dumps(report))
 """
@@ -93,7 +93,7 @@ def test_exported_triton_kernels_run_without_t2r(hybrid, tmp_path):
     root, model = hybrid
     env = {"TRITON_INTERPRET": "1", "T2R_GSA_BACKEND": "triton"}
     report, logits, _ = _remote(tmp_path, root / "export", hide_triton=False, env=env)
-    assert {"chunk_triton", "recurrent_triton"} <= set(report["triton_modules"])
+    assert {"_triton_chunk", "_triton_fused_recurrent"} <= set(report["triton_modules"])
     with torch.no_grad():
         ours = model(IDS, use_cache=False).logits
         generated = model.generate(IDS, max_new_tokens=6, do_sample=False, pad_token_id=1)
@@ -147,8 +147,8 @@ def test_flat_modeling_files_are_t2r_sources_with_sibling_imports(hybrid):
     from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
     files = sorted(p.name for p in out.glob("*.py"))
-    assert {"configuration_t2r.py", "modeling_t2r.py", "layers_gsa.py", "kernels_gsa.py", "dispatch.py",
-            "chunk_torch.py", "chunk_triton.py"} <= set(files)
+    assert {"configuration_t2r.py", "modeling_t2r.py", "layers_gsa.py", "kernels_gsa.py", "backend.py", "chunk.py",
+            "fused_recurrent.py", "chunk_torch.py", "_triton_chunk.py"} <= set(files)
     allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
     for name in files:
         path = out / name
@@ -161,16 +161,16 @@ def test_flat_modeling_files_are_t2r_sources_with_sibling_imports(hybrid):
     from t2r.layers import gsa
 
     assert inspect.getsource(gsa.slot_gates) in (out / "layers_gsa.py").read_text()
-    assert "raise ImportError(\"the GSA Triton kernels need the triton package" in (out / "chunk_fwd_triton.py").read_text()
+    assert "raise ImportError(\"the GSA Triton kernels need the triton package" in (out / "_triton_chunk_fwd.py").read_text()
 
 
 def test_a_lazily_imported_module_that_is_missing_fails_where_t2r_would(monkeypatch, tmp_path):
     real = remote_code._spec
-    monkeypatch.setattr(remote_code, "_spec", lambda n: None if n.endswith("recurrent_triton") else real(n))
+    monkeypatch.setattr(remote_code, "_spec", lambda n: None if n.endswith("_triton_fused_recurrent") else real(n))
     names, notes = remote_code.write_remote_code(tmp_path)
-    assert "recurrent_triton.py" not in names and any("recurrent_triton" in n for n in notes)
-    text = (tmp_path / "dispatch.py").read_text()
-    assert "raise ModuleNotFoundError(\"t2r.kernels.gsa.recurrent_triton was not part of t2r" in text
+    assert "_triton_fused_recurrent.py" not in names and any("_triton_fused_recurrent" in n for n in notes)
+    text = (tmp_path / "fused_recurrent.py").read_text()
+    assert "raise ModuleNotFoundError(\"t2r.kernels.gsa._triton_fused_recurrent was not part of t2r" in text
 
 
 def _front_matter(readme: str) -> tuple[dict, str]:

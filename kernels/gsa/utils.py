@@ -1,6 +1,6 @@
 """Input checks and layout helpers shared by every GSA implementation.
 
-One place for the operator's shape contract (``dispatch.chunk_gsa`` documents it): every entry point
+One place for the operator's shape contract (``chunk.chunk_gsa`` documents it): every entry point
 calls :func:`check_inputs` first, so a bad call fails with the same clear message whichever
 backend would have run it.
 """

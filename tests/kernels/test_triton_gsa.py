@@ -140,13 +140,13 @@ CONFIGS = {
 
 @pytest.fixture
 def kernel_config(request):
-    from t2r.kernels.gsa import chunk_triton
+    from t2r.kernels.gsa import _triton_chunk
 
-    old = dict(chunk_triton.CONFIG)
-    chunk_triton.CONFIG.update(CONFIGS[request.param])
+    old = dict(_triton_chunk.CONFIG)
+    _triton_chunk.CONFIG.update(CONFIGS[request.param])
     yield request.param
-    chunk_triton.CONFIG.clear()
-    chunk_triton.CONFIG.update(old)
+    _triton_chunk.CONFIG.clear()
+    _triton_chunk.CONFIG.update(old)
 
 
 @pytest.mark.parametrize("kernel_config", list(CONFIGS), indirect=True)
@@ -177,10 +177,10 @@ def test_chunk_state_scan_in_blocks(monkeypatch):
     """The state scans take several chunks per step through an associative scan on the GPU; on CPU
     one chunk per step unless told otherwise. Several chunks per step here, with partial blocks,
     varlen sequences (empty, one token, several chunks) and a state and its gradient carried in."""
-    from t2r.kernels.gsa import chunk_state_triton
+    from t2r.kernels.gsa import _triton_chunk_state
 
-    monkeypatch.setattr(chunk_state_triton, "SCAN_NB_CPU", 2)
-    monkeypatch.setattr(chunk_state_triton, "SCAN_BE_CPU", 128)
+    monkeypatch.setattr(_triton_chunk_state, "SCAN_NB_CPU", 2)
+    monkeypatch.setattr(_triton_chunk_state, "SCAN_BE_CPU", 128)
     cu = torch.tensor([0, 1, 1, 40, 57, 250, 251], device=DEVICE)
     *inputs, h0 = make_inputs(1, 251, 4, 2, K=16, V=16, M=16, initial_state=True, N=6, seed=23, device=DEVICE)
     out = run_with_grads(triton_chunk, inputs, h0, poison=True, cu_seqlens=cu)

@@ -18,8 +18,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 # dependency order: a module is reloaded after the modules it imports names from
-MODULES = ["common_triton", "chunk_intra_triton", "chunk_state_triton", "chunk_fwd_triton", "chunk_bwd_triton",
-           "chunk_triton", "recurrent_triton"]
+MODULES = ["_triton_inputs", "_triton_intra", "_triton_chunk_state", "_triton_chunk_fwd", "_triton_chunk_bwd",
+           "_triton_chunk", "_triton_fused_recurrent"]
 
 
 @contextmanager
@@ -32,7 +32,7 @@ def triton_interpreter():
     try:
         from triton.runtime.interpreter import InterpretedFunction
 
-        intra = sys.modules.get("t2r.kernels.gsa.chunk_intra_triton")
+        intra = sys.modules.get("t2r.kernels.gsa._triton_intra")
         if intra is not None and not isinstance(intra.op1, InterpretedFunction):
             for name in MODULES:
                 mod = sys.modules.get(f"t2r.kernels.gsa.{name}")

@@ -1,8 +1,10 @@
-"""What the GSA Triton entry points share: which inputs the kernels take, and the sequence tables.
+"""What the GSA Triton entry points share: which inputs the kernels take, and the chunk tables.
 
 Both ``chunk_gsa_triton`` and ``fused_recurrent_gsa_triton`` call :func:`prepare` after the
 operator's shape contract (:func:`utils.check_inputs`); anything the kernels cannot take raises
-:class:`GSAInputError` here rather than producing wrong numbers.
+:class:`GSAInputError` here rather than producing wrong numbers. Its result,
+:class:`PreparedInputs`, is frozen; the chunked operator's backward rebuilds it from the tensors
+its forward saved (:func:`prepared_inputs`).
 """
 from __future__ import annotations
 
@@ -18,19 +20,19 @@ from .utils import MAX_DIM, GSADims, GSAInputError, check_inputs, default_scale,
 SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@dataclass
-class Prepared:
+@dataclass(frozen=True, eq=False)
+class PreparedInputs:
+    """The inputs as the Triton kernels take them, and how the kernels are compiled for them."""
     dims: GSADims
-    q: torch.Tensor
+    q: torch.Tensor  # q, k, v, s, g contiguous
     k: torch.Tensor
     v: torch.Tensor
     s: torch.Tensor
     g: torch.Tensor
     scale: float
-    hk0: torch.Tensor | None
+    hk0: torch.Tensor | None  # initial states, fp32 and contiguous
     hv0: torch.Tensor | None
-    spans: list  # (row, start, end) per sequence
-    varlen: bool
+    cu_seqlens: torch.Tensor | None  # on the inputs' device
     BK: int
     BV: int
     BM: int
@@ -40,12 +42,16 @@ class Prepared:
     act_dtype: torch.dtype  # dtype of the logit gradients dY kept between backward kernels
     prob_dtype: torch.dtype  # dtype of the slot probabilities p kept between backward kernels
 
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
 
 def block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepared:
+def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> PreparedInputs:
     dims = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
     if q.dtype not in SUPPORTED:
         raise GSAInputError(
@@ -68,14 +74,23 @@ def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepa
         hk0, hv0 = hk0.float().contiguous(), hv0.float().contiguous()
     if cu_seqlens is not None and cu_seqlens.device != q.device:
         cu_seqlens = cu_seqlens.to(q.device)
-    spans = sequence_spans(dims, cu_seqlens)
+    return prepared_inputs(q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(), g.contiguous(),
+                           default_scale(scale, dims.K), hk0, hv0, cu_seqlens, dims)
+
+
+def prepared_inputs(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens,
+                    dims: GSADims | None = None) -> PreparedInputs:
+    """The PreparedInputs of inputs that :func:`prepare` has checked and made contiguous (the
+    chunked operator's backward rebuilds its forward's from the saved tensors with this)."""
+    if dims is None:
+        B, T, HQ, K = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        dims = GSADims(B=B, T=T, HQ=HQ, H=k.shape[2], K=K, V=v.shape[-1], M=s.shape[-1], N=N)
     # fp32 inputs: fp32 (IEEE) tensor-core operands. The Triton interpreter multiplies bf16 tiles
     # as raw integers (triton 3.9), so on CPU the operands stay fp32 whatever the input dtype.
     fp32 = q.dtype == torch.float32 or not q.is_cuda
-    return Prepared(
-        dims=dims, q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), s=s.contiguous(),
-        g=g.contiguous(), scale=default_scale(scale, dims.K), hk0=hk0, hv0=hv0, spans=spans,
-        varlen=cu_seqlens is not None,
+    return PreparedInputs(
+        dims=dims, q=q, k=k, v=v, s=s, g=g, scale=scale, hk0=hk0, hv0=hv0, cu_seqlens=cu_seqlens,
         BK=block(dims.K), BV=block(dims.V), BM=block(dims.M),
         DT=tl.float32 if fp32 else tl.bfloat16, PREC="ieee" if fp32 else "tf32",
         snap_dtype=torch.float32 if q.dtype == torch.float32 else torch.bfloat16,
@@ -84,25 +99,35 @@ def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepa
     )
 
 
+@dataclass(frozen=True, eq=False)
+class ChunkTables:
+    """Per-sequence and per-chunk int32 tables on the inputs' device, for chunks of C tokens.
+
+    seq    [N, 3]: bos, eos (flattened token rows), offset of its first state snapshot
+    chunks [NC, 3]: first token row, length (<= C), index of the snapshot entering the chunk
+    bslot  [NC]: where the backward scan finds chunk j's own state-gradient contribution: entry
+                 off + j - 1 for j >= 1, the sequence's spare last entry off + nchunks for j = 0
+    Sequence n owns ceil(len / C) + 1 snapshots (the last one is its final state).
+    """
+    C: int
+    seq: torch.Tensor
+    chunks: torch.Tensor
+    bslot: torch.Tensor
+    n_snap: int  # snapshots of all sequences
+    n_chunks: int  # NC
+
+
 _TABLES: dict = {}
 
 
-def chunk_tables(p: Prepared, C: int):
-    """Per-sequence and per-chunk int32 tables on the inputs' device.
-
-    seq  [N, 3]:  bos, eos (flattened token rows), offset of its first state snapshot
-    chunk [NC, 3]: first token row, length (<= C), index of the snapshot entering the chunk
-    bslot [NC]: where the backward scan finds chunk j's own state-gradient contribution: entry
-                off + j - 1 for j >= 1, the sequence's spare last entry off + nchunks for j = 0
-    Sequence n owns ceil(len / C) + 1 snapshots (the last one is its final state).
-    Returns (seq, chunk, bslot, number of snapshots, number of chunks).
-    """
+def chunk_tables(p: PreparedInputs, C: int) -> ChunkTables:
+    """The :class:`ChunkTables` of the inputs (cached for equal-length batches)."""
     d = p.dims
     key = None if p.varlen else (d.B, d.T, C, str(p.q.device))
     if key is not None and key in _TABLES:
         return _TABLES[key]
     seq, chunk, bslot, off = [], [], [], 0
-    for row, start, end in p.spans:
+    for row, start, end in sequence_spans(d, p.cu_seqlens):
         bos, eos = row * d.T + start, row * d.T + end
         nc = -(-(eos - bos) // C)
         seq.append((bos, eos, off))
@@ -112,7 +137,7 @@ def chunk_tables(p: Prepared, C: int):
     seq_t = torch.tensor(seq, dtype=torch.int32).view(-1, 3).to(p.q.device)
     chunk_t = torch.tensor(chunk, dtype=torch.int32).view(-1, 3).to(p.q.device)
     bslot_t = torch.tensor(bslot, dtype=torch.int32).to(p.q.device)
-    out = (seq_t, chunk_t, bslot_t, off, len(chunk))
+    out = ChunkTables(C=C, seq=seq_t, chunks=chunk_t, bslot=bslot_t, n_snap=off, n_chunks=len(chunk))
     if key is not None:
         if len(_TABLES) > 64:
             _TABLES.clear()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra_triton import THRESH, chunk_gates, diag, op1t, vsum
+from ._triton_intra import THRESH, chunk_gates, diag, op1t, vsum
 
 
 # ------------------------------------------------------------------ chunk-parallel form + scan
@@ -247,11 +247,12 @@ def _scan_be(x):
     return SCAN_BE if x.is_cuda else SCAN_BE_CPU
 
 
-def forward_states_scan(p, seq, chunks, n_snap, n_chunks, C, num_warps=4, num_stages=2):
-    """Snapshots of both states entering every chunk and the fp32 final states, plus the per-chunk decays [chunks, H, M] (fp32) that
-    the backward scan reuses."""
+def forward_states_scan(p, tables, num_warps=4, num_stages=2):
+    """Snapshots of both states entering every chunk and the fp32 final states, plus the per-chunk decays
+    [chunks, H, M] (fp32) that the backward scan reuses."""
     d = p.dims
     dev = p.q.device
+    n_snap, n_chunks, C = tables.n_snap, tables.n_chunks, tables.C
     f32 = p.snap_dtype == torch.float32
     snap_k = torch.empty(n_snap, d.H, d.K, d.M, device=dev, dtype=torch.float32)
     snap_v = torch.empty(n_snap, d.H, d.M, d.V, device=dev, dtype=torch.float32)
@@ -260,8 +261,9 @@ def forward_states_scan(p, seq, chunks, n_snap, n_chunks, C, num_warps=4, num_st
     dec = torch.empty(max(n_chunks, 1), d.H, d.M, device=dev, dtype=torch.float32)
     if n_chunks:
         _local_fwd_kernel[(2 * n_chunks, d.H)](
-            p.k, p.v, p.s, p.g, snap_k, snap_v, dec, chunks, H=d.H, K=d.K, V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV,
-            BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
+            k=p.k, v=p.v, s=p.s, g=p.g, u_k=snap_k, u_v=snap_v, dec=dec, chunks=tables.chunks, H=d.H, K=d.K, V=d.V,
+            M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps,
+            num_stages=num_stages)
     use_h0 = p.hk0 is not None
     # the scan reads the fp32 contributions and writes the states in the snapshot dtype (in place for fp32)
     out_k, out_v = (snap_k, snap_v) if f32 else (torch.empty_like(snap_k, dtype=p.snap_dtype),
@@ -270,19 +272,21 @@ def forward_states_scan(p, seq, chunks, n_snap, n_chunks, C, num_warps=4, num_st
         be = _scan_be(p.q)
         nek, nev = triton.cdiv(d.K * d.M, be), triton.cdiv(d.M * d.V, be)
         _scan_fwd_kernel[(nek + nev, d.N * d.H)](
-            snap_k, snap_v, out_k, out_v, dec, p.hk0 if use_h0 else ht_k, p.hv0 if use_h0 else ht_v, ht_k, ht_v, seq, H=d.H,
-            K=d.K, V=d.V, M=d.M, C=C, NB=_scan_nb(p.q), BE=be, NEK=nek, USE_H0=use_h0, num_warps=4)
+            u_k=snap_k, u_v=snap_v, w_k=out_k, w_v=out_v, dec=dec, h0k=p.hk0 if use_h0 else ht_k,
+            h0v=p.hv0 if use_h0 else ht_v, htk=ht_k, htv=ht_v, seq=tables.seq, H=d.H, K=d.K, V=d.V, M=d.M, C=C,
+            NB=_scan_nb(p.q), BE=be, NEK=nek, USE_H0=use_h0, num_warps=4)
     return out_k, out_v, ht_k, ht_v, dec
 
 
-def backward_states_scan(p, q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, dec, n_snap, n_chunks, C,
-                         num_warps=4, num_stages=2, ds=False, spec=False):
+def backward_states_scan(p, do, dy, prob, dht_k, dht_v, tables, dec, num_warps=4, num_stages=2, ds=False,
+                         spec=False):
     """Gradients of the states leaving every chunk (dS) and of the initial states (fp32), from the
     chunk-parallel contributions and a scan.
     With ds=True also the intra-chunk slot-write gradients dsx [4, B*T, H, M] (fp32): the q k^T
     part off the diagonal, the same with the diagonal, then the dO v^T part likewise."""
     d = p.dims
-    dev = q.device
+    dev = p.q.device
+    n_snap, n_chunks, C = tables.n_snap, tables.n_chunks, tables.C
     ds_k = torch.empty(n_snap, d.H, d.K, d.M, device=dev, dtype=torch.float32)
     ds_v = torch.empty(n_snap, d.H, d.M, d.V, device=dev, dtype=torch.float32)
     dh0_k = torch.empty(d.N, d.H, d.K, d.M, device=dev, dtype=torch.float32)
@@ -291,9 +295,9 @@ def backward_states_scan(p, q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, d
     dsx = torch.empty(4, n_rows, d.H, d.M, device=dev, dtype=torch.float32) if ds else dh0_k
     if n_chunks:
         _local_bwd_kernel[(2 * n_chunks, d.H)](
-            q, p.k, p.v, do, dy, prob, p.g, ds_k, ds_v, dsx, chunks, bslot, n_rows, H=d.H, G=d.G, K=d.K, V=d.V,
-            M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DS=ds, SPEC=spec, DT=p.DT, PREC=p.PREC, THR=THRESH,
-            num_warps=num_warps, num_stages=num_stages)
+            q=p.q, k=p.k, v=p.v, do=do, dy=dy, prob=prob, g=p.g, u_k=ds_k, u_v=ds_v, dsx=dsx, chunks=tables.chunks,
+            bslot=tables.bslot, n_rows=n_rows, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM,
+            DS=ds, SPEC=spec, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
     use_dht = dht_k is not None
     f32 = p.snap_dtype == torch.float32
     out_k, out_v = (ds_k, ds_v) if f32 else (torch.empty_like(ds_k, dtype=p.snap_dtype),
@@ -302,6 +306,7 @@ def backward_states_scan(p, q, do, dy, prob, dht_k, dht_v, seq, chunks, bslot, d
         be = _scan_be(p.q)
         nek, nev = triton.cdiv(d.K * d.M, be), triton.cdiv(d.M * d.V, be)
         _scan_bwd_kernel[(nek + nev, d.N * d.H)](
-            ds_k, ds_v, out_k, out_v, dec, dht_k if use_dht else dh0_k, dht_v if use_dht else dh0_v, dh0_k, dh0_v, seq, H=d.H,
-            K=d.K, V=d.V, M=d.M, C=C, NB=_scan_nb(p.q), BE=be, NEK=nek, USE_H0=use_dht, num_warps=4)
+            u_k=ds_k, u_v=ds_v, w_k=out_k, w_v=out_v, dec=dec, h0k=dht_k if use_dht else dh0_k,
+            h0v=dht_v if use_dht else dh0_v, htk=dh0_k, htv=dh0_v, seq=tables.seq, H=d.H, K=d.K, V=d.V, M=d.M, C=C,
+            NB=_scan_nb(p.q), BE=be, NEK=nek, USE_H0=use_dht, num_warps=4)
     return (out_k, out_v, dh0_k, dh0_v, dsx) if ds else (out_k, out_v, dh0_k, dh0_v)

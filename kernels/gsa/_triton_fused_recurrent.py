@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra_triton import vmax, vsum
-from .common_triton import prepare
+from ._triton_inputs import prepare
+from ._triton_intra import vmax, vsum
 from .utils import GSAInputError
 
 
@@ -89,7 +89,8 @@ def fused_recurrent_gsa_triton(q, k, v, s, g, scale=None, initial_state=None, ou
     use_h0 = p.hk0 is not None
     ht_k, ht_v = final if final is not None else (o, o)
     _recurrent_kernel[(triton.cdiv(d.V, BV), d.N * d.H)](
-        p.q, p.k, p.v, p.s, p.g, p.hk0 if use_h0 else ht_k, p.hv0 if use_h0 else ht_v, o, ht_k, ht_v,
-        cu if cu is not None else o, d.T, p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, BK=p.BK, BV=BV,
-        BM=p.BM, VARLEN=cu is not None, USE_H0=use_h0, STORE_FINAL=final is not None, num_warps=4)
+        q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, h0k=p.hk0 if use_h0 else ht_k, h0v=p.hv0 if use_h0 else ht_v, o=o,
+        htk=ht_k, htv=ht_v, cu=cu if cu is not None else o, T=d.T, scale=p.scale, H=d.H, G=d.G, K=d.K, V=d.V,
+        M=d.M, BK=p.BK, BV=BV, BM=p.BM, VARLEN=cu is not None, USE_H0=use_h0, STORE_FINAL=final is not None,
+        num_warps=4)
     return o, final

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra_triton import THRESH, chunk_gates, diag, masked_softmax, op1, op2
+from ._triton_intra import THRESH, chunk_gates, diag, masked_softmax, op1, op2
 
 
 @triton.jit
@@ -83,12 +83,13 @@ def _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o
                  mask=m_t[:, None] & m_v[None, :])
 
 
-def forward_output(p, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_stages=2, spec=False):
+def forward_output(p, snap_k, snap_v, tables, num_warps=8, num_stages=2, spec=False):
+    """o [B, T, HQ, V] in the input dtype, from the state snapshots entering every chunk."""
     d = p.dims
     o = torch.empty(d.B, d.T, d.HQ, d.V, device=p.q.device, dtype=p.q.dtype)
-    if n_chunks:
-        _fwd_o_kernel[(n_chunks, d.H)](
-            p.q, p.k, p.v, p.s, p.g, snap_k, snap_v, o, chunks, p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M,
-            C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, SPEC=spec,
-            num_warps=num_warps, num_stages=num_stages)
+    if tables.n_chunks:
+        _fwd_o_kernel[(tables.n_chunks, d.H)](
+            q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, snap_k=snap_k, snap_v=snap_v, o=o, chunks=tables.chunks,
+            scale=p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=tables.C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT,
+            PREC=p.PREC, THR=THRESH, SPEC=spec, num_warps=num_warps, num_stages=num_stages)
     return o

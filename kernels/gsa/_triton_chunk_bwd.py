@@ -16,7 +16,7 @@ cancels exactly between the query side and the key side of a decay (the diagonal
 token's own write into the state leaving the chunk) is left out rather than subtracted, so dg
 keeps its relative accuracy when the forget gates are near 0 and dg is tiny. Kernels: `prep`
 (p, dY, R), the state-gradient contributions with the intra-chunk ds parts and their scan
-(chunk_state_triton), `dqkv` (dq, dk per key tile, dv per value tile, with partial sums for ds
+(_triton_chunk_state), `dqkv` (dq, dk per key tile, dv per value tile, with partial sums for ds
 and dg) and `finish` (ds, dg).
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_fwd_triton import chunk_logits
-from .chunk_intra_triton import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
+from ._triton_chunk_fwd import chunk_logits
+from ._triton_intra import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
 
 
 @triton.jit
@@ -92,18 +92,18 @@ def _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, 
     return racc
 
 
-def backward_prep(p, do, snap_k, snap_v, chunks, n_chunks, C, num_warps=8, num_stages=2, spec=False):
+def backward_prep(p, do, snap_k, snap_v, tables, num_warps=8, num_stages=2, spec=False):
     """p (slot probabilities), dY = scale * dZ (both [B, T, HQ, M]) and R [B, T, H, M] (fp32)."""
     d = p.dims
     dev = p.q.device
     prob = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.prob_dtype)
     dy = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.act_dtype)
     r = torch.empty(d.B, d.T, d.H, d.M, device=dev, dtype=torch.float32)
-    if n_chunks:
-        _bwd_prep_kernel[(n_chunks, d.H)](
-            p.q, p.k, p.v, p.s, p.g, snap_k, snap_v, do, prob, dy, r, chunks, p.scale, H=d.H, G=d.G, K=d.K,
-            V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, SPEC=spec,
-            num_warps=num_warps, num_stages=num_stages)
+    if tables.n_chunks:
+        _bwd_prep_kernel[(tables.n_chunks, d.H)](
+            q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, snap_k=snap_k, snap_v=snap_v, do=do, prob=prob, dy=dy, r=r,
+            chunks=tables.chunks, scale=p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=tables.C, BK=p.BK, BV=p.BV,
+            BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, SPEC=spec, num_warps=num_warps, num_stages=num_stages)
     return prob, dy, r
 
 
@@ -262,12 +262,13 @@ def _bwd_finish_kernel(s, g, r, dsx, part, carry, ds, dg, chunks, n_chunks, n_ro
     tl.store(ds + off, (ds_t + kvd).to(ds.dtype.element_ty), mask=m_tm)
 
 
-def backward_inputs_split(p, do, prob, dy, r, dsx, snap_k, snap_v, ds_k, ds_v, chunks, n_chunks, C, tile=64,
-                          num_warps=8, num_stages=2, warps_finish=8, spec=False):
+def backward_inputs_split(p, do, prob, dy, r, dsx, snap_k, snap_v, ds_k, ds_v, tables, tile=64, num_warps=8,
+                          num_stages=2, warps_finish=8, spec=False):
     """dq, dk, dv, ds, dg in the input dtype, from the prep kernel's R and the backward state
     kernels' dS and intra-chunk ds parts (dsx)."""
     d = p.dims
     dev = p.q.device
+    n_chunks, C = tables.n_chunks, tables.C
     dq, dk, dv = torch.empty_like(p.q), torch.empty_like(p.k), torch.empty_like(p.v)
     ds, dg = torch.empty_like(p.s), torch.empty_like(p.g)
     if n_chunks:
@@ -277,10 +278,12 @@ def backward_inputs_split(p, do, prob, dy, r, dsx, snap_k, snap_v, ds_k, ds_v, c
         part = torch.empty(nkt + nvt, n_rows, d.H, d.M, device=dev, dtype=torch.float32)
         carry = torch.empty(nkt + nvt, n_chunks, d.H, d.M, device=dev, dtype=torch.float32)
         _bwd_dqkv_kernel[((nkt + nvt) * n_chunks, d.H)](
-            p.q, p.k, p.v, p.s, p.g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq, dk, dv, part, carry, chunks,
-            n_chunks, n_rows, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BK=BK, BV=BV, BM=p.BM, NKT=nkt, SPEC=spec,
+            q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, snap_k=snap_k, snap_v=snap_v, ds_k=ds_k, ds_v=ds_v, dy=dy, do=do,
+            prob=prob, dq=dq, dk=dk, dv=dv, part=part, carry=carry, chunks=tables.chunks, n_chunks=n_chunks,
+            n_rows=n_rows, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BK=BK, BV=BV, BM=p.BM, NKT=nkt, SPEC=spec,
             DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)
         _bwd_finish_kernel[(n_chunks, d.H)](
-            p.s, p.g, r, dsx, part, carry, ds, dg, chunks, n_chunks, n_rows, H=d.H, M=d.M, C=C, BM=p.BM,
-            NT=nkt + nvt, THR=THRESH, num_warps=warps_finish)
+            s=p.s, g=p.g, r=r, dsx=dsx, part=part, carry=carry, ds=ds, dg=dg, chunks=tables.chunks,
+            n_chunks=n_chunks, n_rows=n_rows, H=d.H, M=d.M, C=C, BM=p.BM, NT=nkt + nvt, THR=THRESH,
+            num_warps=warps_finish)
     return dq, dk, dv, ds, dg
