@@ -583,7 +583,9 @@ def _merged_from_folders(out: Path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(out / "base", use_safetensors=True)
-    return PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
 
 
 def _median(values: list[float]) -> float | None:
