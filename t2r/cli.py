@@ -69,11 +69,24 @@ def cmd_generate(args) -> None:
           f"{stats['seconds']:.2f}s{cache}]", file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _version() -> str:
+    """t2r's version without importing the package (the console script defers that: see t2r_launch.py)."""
+    version = getattr(sys.modules.get(__package__), "__version__", None)
+    if version is None:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
 
+        try:
+            version = dist_version("t2r")
+        except PackageNotFoundError:
+            version = "unknown"
+    return version
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Imports only light modules (no torch, transformers, datasets ...): each command
+    imports what it needs when it runs, so ``t2r --help`` stays fast."""
     parser = argparse.ArgumentParser(prog="t2r", description="Transformer-to-RNN: convert, finetune, export.")
-    parser.add_argument("--version", action="version", version=f"t2r {__version__}")
+    parser.add_argument("--version", action="version", version=f"t2r {_version()}", help="print the version")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="swap a pretrained model's softmax attention for GSA layers")
@@ -86,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a converted model (streams to stdout)")
     p.add_argument("model_dir", metavar="MODEL", help="converted folder, or its Hub id (ORG/NAME; downloaded, or "
                    "read from the cache offline); a teacher alias runs as itself")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="the prompt (wrapped in the chat template as --chat says)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
                    help="wrap the prompt in the tokenizer's chat template (auto: when it has one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
     p.set_defaults(func=cmd_generate)
 
     from .eval.command import register as register_eval
@@ -118,7 +132,11 @@ def quiet_transformers() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors of t2r's own print as one line and exit 2."""
     quiet_transformers()
     try:
         code = args.func(args)

@@ -7,6 +7,7 @@ the ``f_proj`` gate, learnable feature maps, the ``g_norm`` output norm, the win
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -110,6 +111,24 @@ def convert_model(teacher, options: ConversionOptions, source: str | None = None
     return model.eval()
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers draws its "Converting and de-quantizing GGUF tensors" bar with plain tqdm, out of reach of its
+    own progress-bar switch; make it follow that switch (the t2r command turns transformers' bars off)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    plain = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda *args, **kw: plain(*args, **{**kw, "disable": True})
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = plain
+
+
 def load_teacher(source: ModelSource, dtype: str = "auto"):
     """The teacher model and its tokenizer through transformers (safetensors, or GGUF)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -129,7 +148,8 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
     torch_dtype = DTYPES[dtype] or "auto"
     weights = {} if source.gguf_file else {"use_safetensors": True}  # never a pickle (it can run code)
     try:
-        teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **weights, **kwargs)
+        with _gguf_bar_follows_transformers() if source.gguf_file else contextlib.nullcontext():
+            teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **weights, **kwargs)
     except OSError as e:
         if "safetensors" not in str(e):
             raise

@@ -7,7 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .hub import T2RError
-from .kernels.gsa.utils import MAX_DIM
+
+# kernels.gsa.utils.MAX_DIM (the Triton kernels' limit on K, V and M), repeated here so that building the CLI's
+# parser (which reads these fields) imports no torch; tests/test_cli_help.py checks the two agree
+MAX_DIM = 128
 
 
 class ConversionOptions(BaseModel):

@@ -14,8 +14,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from ..hub import T2RError
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
@@ -26,6 +24,8 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
     every layer kept softmax, which reproduces it). ``teacher=True`` always takes the latter route."""
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
 
     from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
     from ..hub import converted_folder, resolve_model
@@ -76,6 +76,8 @@ def evaluate(model_src: str, teacher_src: str | None, corpora: list[str], seq_le
     model and of its teacher on the same tokens; with ``branches``, a windowed model's GSA-only and
     window-only perplexities too; ``lm-eval:`` tasks (:func:`t2r.eval.harness.split_tasks`) score both
     through lm-evaluation-harness. Returns the JSON-able result."""
+    import torch
+
     from ..generation import pick_device
     from .harness import harness_scores, split_tasks, task_manager
     from .perplexity import perplexity
@@ -170,7 +172,8 @@ def register(sub) -> None:
     p.add_argument("--max-rows", type=int, default=32, help="rows scored per corpus (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per forward (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
     p.add_argument("--branches", action="store_true",
                    help="for a window hybrid, also score its GSA-only and window-only ablations")
     p.add_argument("--tasks", default="ppl", help="comma-separated: ppl (held-out perplexity), mqar (multi-query "

@@ -6,7 +6,9 @@ the previous checkpoint complete and pointed to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -99,6 +101,24 @@ def intact_checkpoint(output_dir: Path, log=print) -> Path | None:
     return None
 
 
+class _SharedTensorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # accelerate may prefix "[RANK n] "
+
+
+@contextlib.contextmanager
+def _tied_weights_quiet():
+    """accelerate's safetensors save warns "Removed shared tensor ... check by verifying ..." at every checkpoint
+    of a model with tied embeddings (lm_head.weight is embed_tokens.weight): safetensors stores the one tensor
+    once, and loading ties it again (resume restores it). Silenced on accelerate's logger for this call only."""
+    logger, quiet = logging.getLogger("accelerate.utils.other"), _SharedTensorFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_last: int, extra=None) -> Path:
     """Write the accelerate state (model, optimizer, RNG) and the trainer state, atomically.
 
@@ -113,7 +133,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_las
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        with _tied_weights_quiet():
+            accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
         if accelerator.is_main_process:
             if extra is not None:
                 extra(tmp)

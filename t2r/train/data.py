@@ -6,6 +6,8 @@ state and no softmax attention crosses a document boundary.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import hashlib
 import os
@@ -16,6 +18,38 @@ import torch
 
 from ..hub import T2RError
 from .config import DataConfig
+
+_MAP_BARS = contextvars.ContextVar("t2r_map_bars", default=False)
+
+
+@contextlib.contextmanager
+def map_bars(show: bool):
+    """Whether datasets' Map / Filter progress bars show while t2r splits and tokenizes in this block (off
+    outside it): finetune shows them when ``logging.progress_bar`` is on."""
+    token = _MAP_BARS.set(show)
+    try:
+        yield
+    finally:
+        _MAP_BARS.reset(token)
+
+
+@contextlib.contextmanager
+def _quiet_map():
+    """datasets' bars off around t2r's own map / filter calls unless :func:`map_bars` asks for them, or the user
+    set HF_DATASETS_DISABLE_PROGRESS_BARS (which then decides). Downloads are outside these calls and keep their
+    bars (datasets' and huggingface_hub's)."""
+    from datasets import config
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if _MAP_BARS.get() or config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                 ".parquet": "parquet"}
@@ -132,7 +166,8 @@ def load_documents(cfg: DataConfig):
     columns = docs.column_names if not cfg.streaming else (docs.column_names or [cfg.text_field])
     if columns is not None and cfg.text_field not in columns:
         raise T2RError(f"data.text_field {cfg.text_field!r} is not a column of the data; columns: {columns}")
-    return split_held_out(docs, cfg)
+    with _quiet_map():
+        return split_held_out(docs, cfg)
 
 
 def load_sources(cfg: DataConfig) -> list[tuple[DataConfig, float, object, object]]:
@@ -249,10 +284,11 @@ def tokenize_and_pack(docs, tokenizer, cfg: DataConfig, cache_dir: Path | None):
         ident = f"{docs._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{eos}|{field}|{L}|{cfg.packing}"
         key = hashlib.sha1(ident.encode()).hexdigest()[:16]
         cache_dir.mkdir(parents=True, exist_ok=True)
-    tokens = docs.map(tokenize, batched=True, remove_columns=docs.column_names, **map_kw,
-                      **({"cache_file_name": str(cache_dir / f"tok-{key}.arrow")} if key else {}))
-    rows = tokens.map(pack if cfg.packing else truncate, batched=True, batch_size=1000, remove_columns=["ids"],
-                      **map_kw, **({"cache_file_name": str(cache_dir / f"rows-{key}.arrow")} if key else {}))
+    with _quiet_map():
+        tokens = docs.map(tokenize, batched=True, remove_columns=docs.column_names, **map_kw,
+                          **({"cache_file_name": str(cache_dir / f"tok-{key}.arrow")} if key else {}))
+        rows = tokens.map(pack if cfg.packing else truncate, batched=True, batch_size=1000, remove_columns=["ids"],
+                          **map_kw, **({"cache_file_name": str(cache_dir / f"rows-{key}.arrow")} if key else {}))
     return rows
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_writable_dir
 from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
-from .data import RowOrder, collate, load_sources, packed_rows
+from .data import RowOrder, collate, load_sources, map_bars, packed_rows
 from .lock import run_lock
 from .losses import resolve_fused
 from .stages import (add_lora, count_targets, frozen_teacher, load_model, run_lora_config, set_trainable,
@@ -50,6 +51,23 @@ def learning_rate(stage, step: int) -> float:
     progress = min(1.0, (step - stage.warmup_steps) / span)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if stage.schedule == "cosine" else 1 - progress
     return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * shape)
+
+
+def tracker_config(config: RunConfig, out: Path) -> dict:
+    """The whole validated run config for the trackers (wandb's run config, TensorBoard's hparams), flattened to
+    dotted keys of scalar values (``stages.1.lora.rank``), which is all TensorBoard takes; empty lists and dicts
+    as "[]" / "{}". With the run's output folder and total step count."""
+    flat = {}
+
+    def walk(key, value):
+        if isinstance(value, (dict, list)) and value:
+            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+                walk(f"{key}.{k}" if key else str(k), v)
+        else:
+            flat[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+    walk("", config.model_dump(mode="json"))
+    return {**flat, "output_dir": str(out), "total_steps": config.total_steps}
 
 
 def _use_wandb(config: RunConfig) -> bool:
@@ -154,12 +172,12 @@ class Run:
                 raise T2RError(f"cannot resume {self.out}: {changed} differs from the run that wrote its checkpoints "
                                f"({saved}); resume with those settings (step counts, learning rates, evaluation and "
                                "checkpointing may change), or start again in a new --output-dir")
-        with acc.main_process_first():
+        with acc.main_process_first(), map_bars(cfg.logging.progress_bar):
             sources = load_sources(cfg.data)  # bad data fails before the model loads
             model, self.tokenizer = load_model(cfg.model, log=self._main_log)
         if acc.is_main_process:
             saved.write_text(dump_config(cfg))
-        with acc.main_process_first():
+        with acc.main_process_first(), map_bars(cfg.logging.progress_bar):
             cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
             train_rows, eval_rows = packed_rows(sources, self.tokenizer, cache, cfg.seed)
             self.order = RowOrder(train_rows, cfg.seed)
@@ -189,7 +207,10 @@ class Run:
             if (name in trained or sharded) and p.dtype in (torch.bfloat16, torch.float16):
                 p.data = p.data.float()
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            with warnings.catch_warnings():  # newer transformers renamed it (activation_checkpointing_enable), not
+                # in all the versions t2r supports: the old name, without its FutureWarning at every run
+                warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         # One optimizer for the whole run, prepared together with the model (FSDP2 needs both at
         # once). A stage's frozen parameters get no gradient, so AdamW leaves them alone, and each
@@ -199,7 +220,7 @@ class Run:
                                       betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if acc.log_with:
-            acc.init_trackers("t2r", config={"output_dir": str(self.out), "total_steps": cfg.total_steps})
+            acc.init_trackers("t2r", config=tracker_config(cfg, self.out))
 
     def _save_folder(self, model, folder: Path, state_dict=None) -> None:
         tmp = folder.with_name(folder.name + ".tmp")
@@ -562,7 +583,9 @@ def _merged_from_folders(out: Path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(out / "base", use_safetensors=True)
-    return PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
 
 
 def _median(values: list[float]) -> float | None:

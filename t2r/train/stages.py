@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -61,7 +62,9 @@ def add_lora(model, lora: LoraConfig):
     peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=lora.target_modules, modules_to_save=gsa_modules_present(model),
                                  task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def _is_gsa_param(name: str) -> bool:
