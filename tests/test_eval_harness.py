@@ -10,26 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from t2r.cli import main
 from t2r.eval.harness import PRESETS, split_tasks
 from t2r.tiny import tiny_teacher
+from tests.lm_eval_task import multiple_choice_task
 
 QUESTIONS = [("The sky is", ["blue", "loud", "salty"], 0), ("Two plus two is", ["four", "green"], 0),
              ("Fish live in", ["trees", "the water"], 1), ("Snow is", ["hot", "cold", "purple"], 1),
              ("The sun rises in the", ["east", "north"], 0), ("A cat says", ["moo", "meow"], 1),
              ("Ice is made of", ["frozen water", "sand"], 0), ("At night the sky is", ["bright", "dark"], 1)]
-MC_TASK = """task: t2r_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 GEN_TASK = """task: t2r_tiny_gen
 dataset_path: json
 dataset_kwargs:
@@ -55,7 +41,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     data = root / "questions.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
-    (root / "mc.yaml").write_text(MC_TASK.format(data=data))
+    (root / "mc.yaml").write_text(multiple_choice_task("t2r_tiny_mc", data))
     (root / "gen.yaml").write_text(GEN_TASK.format(data=data))
     # a GSA conversion with every kind of layer: GSA + a 4-token softmax window, and one softmax layer
     assert main(["convert", "tiny-random-llama", "--out", str(root / "cnv"), "--window-size", "4",

@@ -7,24 +7,10 @@ from huggingface_hub import ModelCard
 
 from t2r.cli import main
 from t2r.tiny import tiny_teacher
+from tests.lm_eval_task import multiple_choice_task
 
 PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
          "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 4
-TASK = """task: t2r_card_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def test_eval_results_go_into_the_cards_model_index_and_table_without_local_paths(tmp_path, capsys):
@@ -36,7 +22,7 @@ def test_eval_results_go_into_the_cards_model_index_and_table_without_local_path
     questions = [("Snow is", ["cold", "hot"], 0), ("Fire is", ["cold", "hot"], 1)]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
                                               for q, c, a in questions))
-    (tmp_path / "task.yaml").write_text(TASK.format(data=tmp_path / "q.jsonl"))
+    (tmp_path / "task.yaml").write_text(multiple_choice_task("t2r_card_mc", tmp_path / "q.jsonl"))
     results = tmp_path / "eval.json"
     assert main(["eval", str(tmp_path / "cnv"), "--teacher", str(tmp_path / "teacher"), "--corpus",
                  str(tmp_path / "corpus.txt"), "--seq-len", "32", "--max-rows", "2", "--device", "cpu",
