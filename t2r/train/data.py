@@ -170,6 +170,10 @@ def load_documents(cfg: DataConfig):
         return split_held_out(docs, cfg)
 
 
+def _mix_source(i: int, src: DataConfig) -> str:
+    return f"data.mix[{i}] ({src.dataset or ', '.join(src.files)})"
+
+
 def load_sources(cfg: DataConfig) -> list[tuple[DataConfig, float, object, object]]:
     """(source config, weight, train documents, held-out documents or None) for ``data.dataset`` /
     ``data.files`` (one source) or for each source of ``data.mix``."""
@@ -180,7 +184,7 @@ def load_sources(cfg: DataConfig) -> list[tuple[DataConfig, float, object, objec
         except T2RError as e:
             if not cfg.mix:
                 raise
-            raise T2RError(f"data.mix[{i}] ({src.dataset or ', '.join(src.files)}): {e}") from None
+            raise T2RError(f"{_mix_source(i, src)}: {e}") from None
         out.append((src, weight, train, held))
     return out
 
@@ -196,7 +200,7 @@ def packed_rows(sources, tokenizer, cache_dir: Path | None, seed: int):
     for i, (src, weight, train, held) in enumerate(sources):
         rows = tokenize_and_pack(train, tokenizer, src, cache_dir)
         if len(sources) > 1 and hasattr(rows, "__len__") and len(rows) == 0:
-            raise T2RError(f"data.mix[{i}] ({src.dataset or ', '.join(src.files)}) gives no training row of "
+            raise T2RError(f"{_mix_source(i, src)} gives no training row of "
                            f"{src.seq_len} tokens; add text to it, lower data.seq_len, or drop it from the mix")
         trains.append(rows)
         weights.append(weight)
