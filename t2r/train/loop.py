@@ -147,13 +147,7 @@ class Run:
                            "use DDP or FSDP in your accelerate config")
         set_seed(config.seed)
         # which loss path (loss.fused) runs here; a 'liger' that cannot run fails now, before any work
-        self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device)
-        if self.fused != "off" and self._fsdp():
-            # the fused paths apply lm_head after the sharded forward: not yet verified under FSDP
-            if config.loss.fused != "auto":
-                raise T2RError(f"loss.fused: {config.loss.fused} is not supported under FSDP yet; set loss.fused: "
-                               "auto or off (full logits)")
-            self.fused, self._fused_why = "off", "loss.fused: auto, under FSDP"
+        self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device, self._fsdp())
         self.state = read_trainer_state(latest) if latest is not None else TrainerState()
         self.resumed_from = latest
         self._stop_signal = 0

@@ -47,11 +47,18 @@ def liger_losses_module():
     return (LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD), None
 
 
-def resolve_fused(choice: str, device) -> tuple[str, str]:
-    """(the loss path a run uses: 'liger', 'chunked' or 'off'; why, in words) for ``loss.fused``."""
+def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]:
+    """(the loss path a run uses: 'liger', 'chunked' or 'off'; why, in words) for ``loss.fused``. Under
+    FSDP (``sharded``) only the full logits: the fused paths apply lm_head after the sharded forward,
+    which is not verified there."""
     device = torch.device(device)
     if choice not in FUSED_CHOICES:
         raise T2RError(f"loss.fused must be one of {', '.join(FUSED_CHOICES)}, got {choice!r}")
+    if sharded and choice != "off":
+        if choice != "auto":
+            raise T2RError(f"loss.fused: {choice} is not supported under FSDP yet; set loss.fused: auto or off "
+                           "(full logits)")
+        return "off", "loss.fused: auto, under FSDP"
     if choice in ("chunked", "off"):
         return choice, f"loss.fused: {choice}"
     on_gpu = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
