@@ -66,6 +66,7 @@ ROWS = {
 
 
 MAX_DOCUMENTS = None  # --max-documents (smoke tests)
+STDLIB_ONLY_ALL = False  # --stdlib-only: every row trains on Python only (as the first sweep did)
 
 
 def parse_row(spec: str, default_tokens: float) -> tuple[str, float, str]:
@@ -96,6 +97,8 @@ def row_overrides(name: str, model: str, tokens: float, seq_len: int, micro: int
             "eval.every_steps": 100000, "checkpoint.every_steps": 100000, "logging.progress_bar": False,
             "logging.tensorboard": False, "data.num_proc": 4, "data.cache_dir": str(cache),
             **(extra[0] if extra else {})}
+    if STDLIB_ONLY_ALL:
+        sets.update(STDLIB_ONLY)
     if MAX_DOCUMENTS:
         sources = sets.get("data.mix") or yaml.safe_load(CONFIG.read_text())["data"]["mix"]
         sets["data.mix"] = [{**src, "max_documents": MAX_DOCUMENTS} for src in sources]
@@ -123,9 +126,12 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="launch nothing that cannot end by then")
     ap.add_argument("--generate", default="", help="rows to sample generations from")
     ap.add_argument("--max-documents", type=int, default=None, help="training corpus cut (smoke tests)")
+    ap.add_argument("--stdlib-only", action="store_true",
+                    help="train every row on Python source only, as the first ablation sweep did")
     args = ap.parse_args()
-    global MAX_DOCUMENTS
+    global MAX_DOCUMENTS, STDLIB_ONLY_ALL
     MAX_DOCUMENTS = args.max_documents
+    STDLIB_ONLY_ALL = args.stdlib_only
     start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
