@@ -67,7 +67,8 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
         num_slots=options.num_slots, gate_logit_normalizer=options.gate_logit_normalizer,
         feature_map=options.feature_map, use_rope=options.use_rope, gsa_scale=options.gsa_scale,
         v_activation=options.v_activation, output_norm=options.output_norm, gate_source=options.gate_source,
-        f_proj_init=options.f_proj_init, window_size=options.window_size,
+        f_proj_init=options.f_proj_init, window_size=options.window_size, mixer=options.mixer,
+        gate_rank=options.gate_rank, linear_decay=options.linear_decay,
     )
 
 

@@ -18,6 +18,9 @@ class ConversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    mixer: Literal["gsa", "gla", "linear"] = Field(
+        "gsa", description="what replaces softmax attention: gsa (gated slots), gla (gated linear attention, a "
+        "learned forget gate per key dim) or linear (linear attention, fixed decay per head)")
     num_slots: int = Field(64, ge=1, le=MAX_DIM, description=f"memory slots per kv head (M; the GPU kernels "
                            f"hold up to {MAX_DIM})")
     gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(gate logits) / tau")
@@ -33,6 +36,9 @@ class ConversionOptions(BaseModel):
         "key", description="initialise f_proj from the key projection pooled to the slots, or at random")
     window_size: int = Field(0, ge=0, le=4096, description="exact softmax attention over the last W tokens "
                              "inside each GSA layer, GSA for older ones (0: pure GSA)")
+    gate_rank: int = Field(16, ge=1, le=1024, description="gla: rank of the low-rank gate projection")
+    linear_decay: Literal["retnet", "none"] = Field(
+        "retnet", description="linear: RetNet's fixed decay 1 - 2^(-5-h) per kv head h, or none")
     softmax_layers: str | list[int] = Field(
         "none", description="layers kept as softmax attention: 'none', 'all', or indices like '0,8-11'")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
