@@ -155,3 +155,15 @@ def test_converted_folder_loads_without_t2r(tmp_path, mixer):
         ref = ours(torch.arange(2, 40).view(2, 19)).logits
     assert torch.equal(theirs["parallel"], ref)
     assert rel_err(theirs["decoded"], ref) < 1e-5
+
+
+def test_export_card_names_the_mixer_and_its_state_size(tmp_path):
+    from t2r.cli import main
+    from tests.test_export_fixtures import save_converted
+
+    save_converted(tmp_path / "c", "llama", mixer="gla")
+    assert main(["export", str(tmp_path / "c"), "--out", str(tmp_path / "e")]) == 0
+    card = (tmp_path / "e" / "README.md").read_text()
+    # 4 layers x 2 kv heads x a 16 x 16 fp32 state: 8 KiB (GSA's 64 slots would hold 64 KiB)
+    assert "**Gated Linear Attention** (GLA)" in card and "state of 8 KiB per sequence" in card
+    assert "| mixer | gla (low-rank gate, rank 16) |" in card
