@@ -1,7 +1,7 @@
 """Time the mixers' operators on one GPU at SmolLM2-135M's attention shape, and check them there first.
 
 9 query heads, 3 kv heads, head dim 64, 64 GSA slots, bf16. Rows: GSA on its Triton kernels, GSA on
-its torch path, and the gla operator (the gla and linear mixers; torch path, kernels/gla/chunk.py says
+its torch path, and the gla operator (the gla and linear mixers; torch path, kernels/gla/ops.py says
 why), each forward + backward over B x T tokens, and one decoding step. Before timing, each operator's
 output on CUDA is compared with the fp32 loop (a wrong one is reported, not timed). Times are medians of
 triton.testing.do_bench; memory is the peak allocated during one forward + backward.

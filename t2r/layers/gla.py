@@ -25,7 +25,7 @@ The rest is GSA's (``gsa.py``): the window hybrid (exact softmax over the last W
 mixer over older ones), attention transfer, teacher mode, padding (a padded token neither writes
 nor decays the state: its write weight s and its gate are 0), packed documents (state reset per
 document) and decoding through ``T2RCache`` with a fixed-size state (a 1-tuple (S,) per layer).
-The operator is ``t2r.kernels.gla`` (its ``chunk.py`` says which implementation runs and why).
+The operator is ``t2r.kernels.gla`` (its ``ops.py`` says which implementation runs and why).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``chunk_gla`` and ``fused_recurrent_gla``: gated linear attention, the operator's public entries.
 
-Which implementation runs: the chunked torch path (``chunk_torch.py``) for training and prefill, on
-every device, and the token loop (``naive.py``) for decoding. Our GSA Triton kernels are not reused
+Which implementation runs: the chunked torch path (``chunked.py``) for training and prefill, on
+every device, and the token loop (``reference.py``) for decoding. Our GSA Triton kernels are not reused
 here: they fuse the slot softmax between GSA's two gated passes at every level (the output kernel
 reads both states, the backward's prep and scans differentiate through the softmax), so none of them
 computes one gated pass with its gradients on its own; only the forward state scan would fit (GLA's
@@ -10,8 +10,8 @@ does not train. A Triton GLA kernel is future work (docs/mixers.md).
 """
 from __future__ import annotations
 
-from .chunk_torch import chunk_gla_torch
-from .naive import recurrent_gla_loop
+from .chunked import chunk_gla_torch
+from .reference import recurrent_gla_loop
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import check_gla_inputs
+from .contract import check_gla_inputs
 from ..gsa.chunk_torch import _from_padded_rows, _to_padded_rows
 from ..gsa.utils import compute_dtype, default_scale, sequence_spans
 

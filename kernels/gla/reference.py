@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import check_gla_inputs
+from .contract import check_gla_inputs
 from ..gsa.utils import compute_dtype, default_scale, sequence_spans
 
 

@@ -1,4 +1,4 @@
-"""The gated linear attention operator's shape contract (``chunk.chunk_gla`` documents it).
+"""The gated linear attention operator's shape contract (``ops.chunk_gla`` documents it).
 
 It is GSA's contract (``kernels/gsa/utils.py``) with the keys in the place of the slot write
 weights (one gate per key dimension: g has k's shape) and a single state [N, H, K, V].
