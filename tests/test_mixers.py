@@ -167,3 +167,19 @@ def test_export_card_names_the_mixer_and_its_state_size(tmp_path):
     # 4 layers x 2 kv heads x a 16 x 16 fp32 state: 8 KiB (GSA's 64 slots would hold 64 KiB)
     assert "**Gated Linear Attention** (GLA)" in card and "state of 8 KiB per sequence" in card
     assert "| mixer | gla (low-rank gate, rank 16) |" in card
+    assert "memory slots per kv head" not in card  # GSA's slots are no part of a gla layer
+
+
+def test_bf16_decoding_keeps_an_fp32_state_and_follows_the_parallel_forward():
+    _, model, _ = converted("llama", mixer="gla", dtype=torch.bfloat16)
+    trained_like(model)
+    ids = torch.randint(2, 258, (2, 20))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :9], use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
+        for t in range(9, 20):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    assert full.dtype == torch.bfloat16 and cache.gsa_state(0)[0].dtype == torch.float32
+    assert rel_err(torch.cat(steps, 1), full) < 2e-2

@@ -152,6 +152,7 @@ def _conversion(info: CardInfo) -> list[str]:
     c = info.config
     scale = T2RConfig.from_dict(c).gsa_logit_scale
     window = c.get("window_size") or 0
+    mixer = c.get("mixer", "gsa")
     rows = [
         ("teacher", f"`{teacher_name(info)}` ({c.get('base_model_type')})"),
         ("mixer", {"gsa": "gsa", "gla": f"gla (low-rank gate, rank {c.get('gate_rank', 16)})",
@@ -168,10 +169,14 @@ def _conversion(info: CardInfo) -> list[str]:
         ("gate logits", "f_proj (initialised from the key projection)" if c.get("gate_source", "f_proj") == "f_proj"
          and c.get("f_proj_init") == "key" else "f_proj" if c.get("gate_source", "f_proj") == "f_proj"
          else "pooled from the key projection"),
-        ("window", f"exact softmax over the last {window} tokens + GSA for older ones" if window else "none"),
+        ("window", f"exact softmax over the last {window} tokens + {mixer.upper()} for older ones" if window else "none"),
         ("heads / kv heads / head dim", f"{c['num_attention_heads']} / {c['num_key_value_heads']} / {c['head_dim']}"),
         ("weights dtype", info.dtype),
     ]
+    if mixer != "gsa":  # GSA's slots and slot gates; the other mixers' gate is the mixer row
+        rows = [r for r in rows if r[0] not in ("memory slots per kv head", "gate logits")]
+        if mixer == "linear":
+            rows = [r for r in rows if r[0] != "gate logit normalizer (tau)"]
     conv = (info.summary or {}).get("conversion") or {}
     if "seed" in conv:
         rows.append(("gate init seed", conv["seed"]))
