@@ -183,3 +183,16 @@ def test_bf16_decoding_keeps_an_fp32_state_and_follows_the_parallel_forward():
             steps.append(out.logits)
     assert full.dtype == torch.bfloat16 and cache.gsa_state(0)[0].dtype == torch.float32
     assert rel_err(torch.cat(steps, 1), full) < 2e-2
+
+
+def test_t2r_convert_mixer_flag(tmp_path, capsys):
+    from t2r.cli import main
+
+    out = tmp_path / "lin"
+    assert main(["convert", "tiny-random-llama", "--out", str(out), "--mixer", "linear", "--linear-decay", "none"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mixer"] == "linear" and config["linear_decay"] == "none"
+    assert "converted 4/4 attention layers to LINEAR" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["convert", "tiny-random-llama", "--out", str(tmp_path / "x"), "--mixer", "rnn"])
+    assert "invalid choice: 'rnn' (choose from 'gsa', 'gla', 'linear')" in capsys.readouterr().err

@@ -56,7 +56,8 @@ class T2RConfig(PretrainedConfig):
     gate_logit_normalizer: float = 8.0
     feature_map: str = "swish"
     use_rope: bool = False
-    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** 0.5 with softmax/hedgehog, else head_dim ** -0.5
+    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** 0.5 with softmax/hedgehog, else (and for
+    # the gla and linear mixers) head_dim ** -0.5
     v_activation: str = "silu"
     output_norm: bool = True
     gate_source: str = "f_proj"  # f_proj: a new gate projection; key: pooled from the key projection
