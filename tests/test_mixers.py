@@ -196,3 +196,17 @@ def test_t2r_convert_mixer_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert", "tiny-random-llama", "--out", str(tmp_path / "x"), "--mixer", "rnn"])
     assert "invalid choice: 'rnn' (choose from 'gsa', 'gla', 'linear')" in capsys.readouterr().err
+
+
+def test_a_linear_mixer_with_nothing_new_to_train_says_so():
+    from t2r.hub import T2RError
+    from t2r.train.config import AttentionTransferStage
+    from t2r.train.stages import stage_parameters
+
+    _, model, _ = converted("llama", mixer="linear", feature_map="relu", output_norm=False)
+    assert not any(".self_attn.g_norm." in n for n, _ in model.named_parameters())
+    with pytest.raises(T2RError, match="mixer: linear, with a fixed feature map, no output norm"):
+        stage_parameters(model, AttentionTransferStage(name="attention_transfer", steps=1, lr=1e-2))
+    _, gla, _ = converted("llama", mixer="gla", feature_map="relu", output_norm=False)
+    assert {n.split(".self_attn.")[1] for n in stage_parameters(gla, AttentionTransferStage(
+        name="attention_transfer", steps=1, lr=1e-2))} == {"gk_proj.down.weight", "gk_proj.up.weight", "gk_proj.up.bias"}
