@@ -27,9 +27,10 @@ class ConversionOptions(BaseModel):
     feature_map: Literal["swish", "relu", "identity", "elu1", "softmax", "linear", "hedgehog"] = "swish"
     use_rope: bool = Field(False, description="keep RoPE on q/k in GSA layers (the paper drops it)")
     gsa_scale: float | None = Field(None, gt=0, description="logit scale; default 1.0 with swish, head_dim^0.5 "
-                                    "with softmax/hedgehog, else head_dim^-0.5 (gla, linear: always head_dim^-0.5)")
+                                    "with softmax/hedgehog, else head_dim^-0.5 (gla, linear: head_dim^-0.5)")
     v_activation: Literal["silu", "identity"] = "silu"
-    output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o)")
+    output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o) (gla, linear: "
+                                                     "RMSNorm(o) per head)")
     gate_source: Literal["f_proj", "key"] = Field(
         "f_proj", description="gate logits from a new f_proj, or pooled from the key projection (no new weights)")
     f_proj_init: Literal["key", "random"] = Field(
