@@ -62,6 +62,12 @@ ROWS = {
     "tau16": ("gate logit normalizer 16", dict(gate_logit_normalizer=16), {}, {}),
     "stdlib-only": ("trained on Python source only (no prose)", {}, {}, {}, STDLIB_ONLY),
     "window64-stdlib-only": ("window64 trained on Python source only", dict(window_size=64), {}, {}, STDLIB_ONLY),
+    # the other mixers (t2r/layers/gla.py): only the mixer changed, then also with their per-head output norm
+    # (B has none; GLA and SUPRA normalise each head's output, SUPRA in place of linear attention's denominator)
+    "gla": ("mixer gla: gated linear attention, a low-rank data-dependent gate per key dim", dict(mixer="gla"), {}, {}),
+    "linear": ("mixer linear: linear attention with RetNet's fixed decay per kv head", dict(mixer="linear"), {}, {}),
+    "gla-norm": ("gla + its per-head output norm (RMSNorm)", dict(mixer="gla", output_norm=True), {}, {}),
+    "linear-norm": ("linear + its per-head output norm (SUPRA)", dict(mixer="linear", output_norm=True), {}, {}),
 }
 
 

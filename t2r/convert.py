@@ -1,4 +1,4 @@
-"""Convert a pretrained Llama/Mistral/Qwen2-family checkpoint into a GSA (or hybrid) model.
+"""Convert a pretrained Llama/Mistral/Qwen2-family checkpoint into a GSA (or GLA, linear, hybrid) model.
 
 The teacher's q/k/v/o projections, MLPs, norms and embeddings move into the converted model
 as they are (the same tensors: never two full copies of the weights in memory); only what the
@@ -44,7 +44,7 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
         layer_types = ["sliding_attention"] * L
     softmax = parse_layers(options.softmax_layers, L)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if head_dim > MAX_DIM and len(softmax) < L:
+    if head_dim > MAX_DIM and len(softmax) < L and options.mixer == "gsa":
         raise T2RError(f"head_dim {head_dim} is larger than GSA's GPU kernels hold ({MAX_DIM}); keep such a model's "
                        "layers softmax (--softmax-layers all) or convert a model with smaller heads")
     attention_bias = bool(getattr(c, "attention_bias", False))
@@ -67,7 +67,8 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
         num_slots=options.num_slots, gate_logit_normalizer=options.gate_logit_normalizer,
         feature_map=options.feature_map, use_rope=options.use_rope, gsa_scale=options.gsa_scale,
         v_activation=options.v_activation, output_norm=options.output_norm, gate_source=options.gate_source,
-        f_proj_init=options.f_proj_init, window_size=options.window_size,
+        f_proj_init=options.f_proj_init, window_size=options.window_size, mixer=options.mixer,
+        gate_rank=options.gate_rank, linear_decay=options.linear_decay,
     )
 
 
@@ -167,7 +168,7 @@ def describe(model: T2RForCausalLM, options: ConversionOptions) -> str:
     total = sum(p.numel() for p in model.parameters())
     softmax = [i for i in range(c.num_hidden_layers) if i not in c.gsa_layers]
     lines = [
-        f"converted {len(c.gsa_layers)}/{c.num_hidden_layers} attention layers to GSA"
+        f"converted {len(c.gsa_layers)}/{c.num_hidden_layers} attention layers to {c.mixer.upper()}"
         + (f" (kept softmax: {softmax})" if softmax else ""),
         f"new parameters: {count:,} ({count / total:.3%} of {total:,}) in {len(new)} tensors "
         f"({', '.join(sorted({n.split('.self_attn.')[1].split('.')[0] for n in new})) or 'none'})",

@@ -18,21 +18,28 @@ class ConversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    mixer: Literal["gsa", "gla", "linear"] = Field(
+        "gsa", description="what replaces softmax attention: gsa (gated slots), gla (gated linear attention, a "
+        "learned forget gate per key dim) or linear (linear attention, fixed decay per head)")
     num_slots: int = Field(64, ge=1, le=MAX_DIM, description=f"memory slots per kv head (M; the GPU kernels "
                            f"hold up to {MAX_DIM})")
     gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(gate logits) / tau")
     feature_map: Literal["swish", "relu", "identity", "elu1", "softmax", "linear", "hedgehog"] = "swish"
     use_rope: bool = Field(False, description="keep RoPE on q/k in GSA layers (the paper drops it)")
     gsa_scale: float | None = Field(None, gt=0, description="logit scale; default 1.0 with swish, head_dim^0.5 "
-                                    "with softmax/hedgehog, else head_dim^-0.5")
+                                    "with softmax/hedgehog, else head_dim^-0.5 (gla, linear: head_dim^-0.5)")
     v_activation: Literal["silu", "identity"] = "silu"
-    output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o)")
+    output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o) (gla, linear: "
+                                                     "RMSNorm(o) per head)")
     gate_source: Literal["f_proj", "key"] = Field(
         "f_proj", description="gate logits from a new f_proj, or pooled from the key projection (no new weights)")
     f_proj_init: Literal["key", "random"] = Field(
         "key", description="initialise f_proj from the key projection pooled to the slots, or at random")
     window_size: int = Field(0, ge=0, le=4096, description="exact softmax attention over the last W tokens "
                              "inside each GSA layer, GSA for older ones (0: pure GSA)")
+    gate_rank: int = Field(16, ge=1, le=1024, description="gla: rank of the low-rank gate projection")
+    linear_decay: Literal["retnet", "none"] = Field(
+        "retnet", description="linear: RetNet's fixed decay 1 - 2^(-5-h) per kv head h, or none")
     softmax_layers: str | list[int] = Field(
         "none", description="layers kept as softmax attention: 'none', 'all', or indices like '0,8-11'")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

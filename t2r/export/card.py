@@ -105,6 +105,10 @@ def front_matter(info: CardInfo) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
+MIXER_NAMES = {"gsa": "**Gated Slot Attention** (GSA)", "gla": "**Gated Linear Attention** (GLA)",
+               "linear": "**linear attention** (SUPRA-style, a fixed decay per head)"}
+
+
 def _about(info: CardInfo) -> list[str]:
     c = info.config
     hub_id = hub_base_model(teacher_name(info))
@@ -112,17 +116,21 @@ def _about(info: CardInfo) -> list[str]:
     named = f"`{teacher}`" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id and hub_id != teacher else "")
     L, gsa = c["num_hidden_layers"], list(c.get("gsa_layers") or [])
     softmax = [i for i in range(L) if i not in gsa]
+    from ..models import T2RConfig
+
     H, M, D = c["num_key_value_heads"], c["num_slots"], c["head_dim"]
-    state = len(gsa) * H * M * 2 * D * 4
+    mixer = c.get("mixer", "gsa")
+    state = len(gsa) * T2RConfig.from_dict(c).state_floats_per_layer() * 4
     window = c.get("window_size") or 0
-    if window:  # the ring buffer of the last W tokens: k, v (teacher's and GSA's), s, g
-        state += len(gsa) * window * H * (4 * D + 2 * M) * {"float32": 4}.get(info.dtype, 2)
+    if window:  # the ring buffer of the last W tokens: k, v (teacher's and the mixer's), s, g
+        gates = 2 * M if mixer == "gsa" else D + 1
+        state += len(gsa) * window * H * (4 * D + gates) * {"float32": 4}.get(info.dtype, 2)
     kv_bytes = {"float32": 4}.get(info.dtype, 2)
     kv_token = 2 * H * D * kv_bytes
     what = "A LoRA adapter for a" if info.fmt == "adapter" else "A"
     lines = [
         f"{what} {named} ({c.get('base_model_type', 'llama')} family) converted from softmax attention to "
-        "**Gated Slot Attention** (GSA), a linear-time recurrent layer with a fixed-size state, with "
+        f"{MIXER_NAMES[mixer]}, a linear-time recurrent layer with a fixed-size state, with "
         f"t2r {info.t2r_version} (Transformer-to-RNN finetuning). {len(gsa)} of its {L} attention layers are GSA"
         + (f"; {'layers' if len(softmax) > 1 else 'layer'} {layer_ranges(softmax)} "
            f"{'keep' if len(softmax) > 1 else 'keeps'} the teacher's softmax attention (a hybrid)." if softmax else "."),
@@ -144,8 +152,11 @@ def _conversion(info: CardInfo) -> list[str]:
     c = info.config
     scale = T2RConfig.from_dict(c).gsa_logit_scale
     window = c.get("window_size") or 0
+    mixer = c.get("mixer", "gsa")
     rows = [
         ("teacher", f"`{teacher_name(info)}` ({c.get('base_model_type')})"),
+        ("mixer", {"gsa": "gsa", "gla": f"gla (low-rank gate, rank {c.get('gate_rank', 16)})",
+                   "linear": f"linear (decay: {c.get('linear_decay', 'retnet')})"}[c.get("mixer", "gsa")]),
         ("GSA layers", f"{layer_ranges(c.get('gsa_layers') or [])} ({len(c.get('gsa_layers') or [])} of "
                        f"{c['num_hidden_layers']})"),
         ("memory slots per kv head", c["num_slots"]),
@@ -158,10 +169,14 @@ def _conversion(info: CardInfo) -> list[str]:
         ("gate logits", "f_proj (initialised from the key projection)" if c.get("gate_source", "f_proj") == "f_proj"
          and c.get("f_proj_init") == "key" else "f_proj" if c.get("gate_source", "f_proj") == "f_proj"
          else "pooled from the key projection"),
-        ("window", f"exact softmax over the last {window} tokens + GSA for older ones" if window else "none"),
+        ("window", f"exact softmax over the last {window} tokens + {mixer.upper()} for older ones" if window else "none"),
         ("heads / kv heads / head dim", f"{c['num_attention_heads']} / {c['num_key_value_heads']} / {c['head_dim']}"),
         ("weights dtype", info.dtype),
     ]
+    if mixer != "gsa":  # GSA's slots and slot gates; the other mixers' gate is the mixer row
+        rows = [r for r in rows if r[0] not in ("memory slots per kv head", "gate logits")]
+        if mixer == "linear":
+            rows = [r for r in rows if r[0] != "gate logit normalizer (tau)"]
     conv = (info.summary or {}).get("conversion") or {}
     if "seed" in conv:
         rows.append(("gate init seed", conv["seed"]))

@@ -189,7 +189,7 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
     base = {"base_model_name_or_path": base_ref, "teacher": public_name(base_config.base_model_name_or_path),
             "config": {k: getattr(base_config, k) for k in (
                 "base_model_type", "num_hidden_layers", "hidden_size", "num_key_value_heads", "head_dim",
-                "gsa_layers", "num_slots", "gate_logit_normalizer", "feature_map", "use_rope")}}
+                "mixer", "gsa_layers", "num_slots", "gate_logit_normalizer", "feature_map", "use_rope")}}
     return {"format": "adapter", "dtype": "/".join(dtypes), "base": base}
 
 

@@ -81,6 +81,7 @@ class GatedSlotAttention(SoftmaxAttention):
         self.q_map = make_feature_map(config.feature_map, self.num_heads, self.head_dim)
         self.k_map = make_feature_map(config.feature_map, self.num_kv_heads, self.head_dim)
         self.g_norm = RMSNorm(self.head_dim, eps=config.gsa_norm_eps) if config.output_norm else None
+        self.norm_activation = F.silu  # o_proj(RMSNorm(silu(o))): the GSA paper's output norm
         self.v_activation = F.silu if config.v_activation == "silu" else (lambda x: x)
         self.scale = config.gsa_logit_scale
         self.tau = config.gate_logit_normalizer
@@ -155,7 +156,7 @@ class GatedSlotAttention(SoftmaxAttention):
             if cache is not None:
                 cache.set_gsa_state(self.layer_idx, final)
         if self.g_norm is not None:
-            o = self.g_norm(F.silu(o))
+            o = self.g_norm(self.norm_activation(o))
         return self.o_proj(o.reshape(B, T, -1))
 
     def _windowed(self, q, k, v, s, g, teacher_qkv, ctx: AttentionContext, cache) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """T2RCache: what a converted model carries between decoding steps.
 
-GSA layers keep their recurrent state (slot keys [B, H, K, M], slot values [B, H, M, V], fp32),
-whose size does not depend on the context length, and, with a window, a ring buffer of the last W
-tokens (``window_buffer``: a dict of [B, W, ...] tensors); layers kept as softmax attention keep a
-KV cache ([B, T, H, D] keys and values) that grows with it.
+Converted layers keep their recurrent state (fp32), whose size does not depend on the context length:
+GSA's slot keys [B, H, K, M] and slot values [B, H, M, V], or the gla/linear state, a 1-tuple
+([B, H, K, V],); with a window, also a ring buffer of the last W tokens (``window_buffer``: a dict of
+[B, W, ...] tensors). Layers kept as softmax attention keep a KV cache ([B, T, H, D] keys and values)
+that grows with it.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from t2r.layers.feature_maps import FEATURE_MAPS
 
 V_ACTIVATIONS = ("silu", "identity")
 GATE_SOURCES = ("f_proj", "key")
+MIXERS = ("gsa", "gla", "linear")
+LINEAR_DECAYS = ("retnet", "none")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
@@ -48,12 +50,14 @@ class T2RConfig(PretrainedConfig):
     base_model_type: str = "llama"
     base_model_name_or_path: str | None = None
     # the conversion
+    mixer: str = "gsa"  # what replaces softmax attention: gsa | gla | linear (t2r/layers/gla.py)
     gsa_layers: list[int] | None = None  # None: every layer
     num_slots: int = 64
     gate_logit_normalizer: float = 8.0
     feature_map: str = "swish"
     use_rope: bool = False
-    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** 0.5 with softmax/hedgehog, else head_dim ** -0.5
+    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** 0.5 with softmax/hedgehog, else (and for
+    # the gla and linear mixers) head_dim ** -0.5
     v_activation: str = "silu"
     output_norm: bool = True
     gate_source: str = "f_proj"  # f_proj: a new gate projection; key: pooled from the key projection
@@ -61,6 +65,8 @@ class T2RConfig(PretrainedConfig):
     window_size: int = 0  # > 0: exact softmax over the last window_size tokens + GSA for older ones
     gsa_norm_eps: float = 1e-5
     gsa_backend: str = "auto"
+    gate_rank: int = 16  # gla: rank of the low-rank gate projection
+    linear_decay: str = "retnet"  # linear: a fixed decay per kv head (RetNet's) or none
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -90,7 +96,8 @@ class T2RConfig(PretrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         choices = {"feature_map": FEATURE_MAPS, "v_activation": V_ACTIVATIONS, "gate_source": GATE_SOURCES,
-                   "f_proj_init": ("key", "random"), "gsa_backend": ("auto", "torch", "triton")}
+                   "f_proj_init": ("key", "random"), "gsa_backend": ("auto", "torch", "triton"),
+                   "mixer": MIXERS, "linear_decay": LINEAR_DECAYS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -99,6 +106,8 @@ class T2RConfig(PretrainedConfig):
                 f"num_slots must be >= 1 and gate_logit_normalizer > 0, got {self.num_slots}, "
                 f"{self.gate_logit_normalizer}"
             )
+        if self.gate_rank < 1:
+            raise ValueError(f"gate_rank must be >= 1, got {self.gate_rank}")
         if self.window_size < 0:
             raise ValueError(f"window_size must be >= 0 (0: no window), got {self.window_size}")
         if self.feature_map == "hedgehog" and self.head_dim % 2:
@@ -115,9 +124,17 @@ class T2RConfig(PretrainedConfig):
     def gsa_logit_scale(self) -> float:
         if self.gsa_scale is not None:
             return float(self.gsa_scale)
+        if self.mixer != "gsa":  # gla, linear: the teacher's 1/sqrt(d) on q . k
+            return self.head_dim ** -0.5
         if self.feature_map == "swish":
             return 1.0
         return self.head_dim ** (0.5 if self.feature_map in ("softmax", "hedgehog") else -0.5)
+
+    def state_floats_per_layer(self) -> int:
+        """fp32 numbers in one converted layer's recurrent state, per sequence (the window's ring buffer
+        apart): GSA's slot keys and values (H x M x 2D), or the gla/linear state (H x D x D)."""
+        H, D = self.num_key_value_heads, self.head_dim
+        return H * D * D if self.mixer != "gsa" else H * self.num_slots * 2 * D
 
     def is_gsa_layer(self, layer_idx: int) -> bool:
         return layer_idx in self.gsa_layers

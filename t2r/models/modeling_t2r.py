@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import ModelOutput
 
 from t2r.layers.attention import AttentionContext, SoftmaxAttention
+from t2r.layers.gla import GatedLinearAttention
 from t2r.layers.gsa import GatedSlotAttention
 from t2r.layers.norm import RMSNorm
 from t2r.layers.rotary import RotaryEmbedding
@@ -58,10 +59,15 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+# The layer class of each ``mixer`` (every one a GatedSlotAttention: transfer, teacher mode and the window
+# ablation find converted layers by that class).
+MIXER_LAYERS = {"gsa": GatedSlotAttention, "gla": GatedLinearAttention, "linear": GatedLinearAttention}
+
+
 class T2RDecoderLayer(nn.Module):
     def __init__(self, config: T2RConfig, layer_idx: int):
         super().__init__()
-        attn_cls = GatedSlotAttention if config.is_gsa_layer(layer_idx) else SoftmaxAttention
+        attn_cls = MIXER_LAYERS[config.mixer] if config.is_gsa_layer(layer_idx) else SoftmaxAttention
         self.self_attn = attn_cls(config, layer_idx)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -78,9 +84,10 @@ class T2RPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["T2RDecoderLayer"]
     # What a conversion adds to a GSA layer (modules under ``self_attn``; which exist depends on the
-    # conversion options): the gate projection, learnable feature maps, the output norm and the
-    # window mix. Everything else is the teacher's. Convert, training stages and export read this.
-    gsa_new_modules = ("f_proj", "q_map", "k_map", "g_norm", "window_mix")
+    # conversion options): the gate projection (GSA's f_proj, GLA's low-rank gk_proj), learnable feature
+    # maps, the output norm and the window mix. Everything else is the teacher's. Convert, training stages
+    # and export read this.
+    gsa_new_modules = ("f_proj", "gk_proj", "q_map", "k_map", "g_norm", "window_mix")
     # the output norm and the window mix stay fp32 under bf16 and fp16
     _keep_in_fp32_modules_strict = ["g_norm", "window_mix"]
     _supports_sdpa = True
@@ -441,12 +448,13 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
                 m.branches = {"window": True, "gsa": True}
 
     def gsa_state_nbytes(self, batch_size: int = 1) -> int:
-        """Recurrent state of all GSA layers for ``batch_size`` sequences, in bytes (fp32); with a
+        """Recurrent state of all converted layers for ``batch_size`` sequences, in bytes (fp32); with a
         window, the ring buffer of the last W tokens too (in the weights' dtype)."""
         c = self.config
-        per_layer = c.num_key_value_heads * c.num_slots * 2 * c.head_dim * 4
-        if c.window_size:
-            per_token = c.num_key_value_heads * (4 * c.head_dim + 2 * c.num_slots) * self.dtype.itemsize + 1
+        per_layer = c.state_floats_per_layer() * 4
+        if c.window_size:  # k, v (the teacher's and the mixer's), the write weights s and gates g, valid
+            gates = 2 * c.num_slots if c.mixer == "gsa" else c.head_dim + 1
+            per_token = c.num_key_value_heads * (4 * c.head_dim + gates) * self.dtype.itemsize + 1
             per_layer += c.window_size * per_token
         return batch_size * per_layer * len(c.gsa_layers)
 

@@ -88,8 +88,9 @@ def stage_parameters(model, stage) -> list[str]:
         if isinstance(stage, AttentionTransferStage) and any(".self_attn.q_proj." in n for n, _ in
                                                              model.named_parameters()):
             raise T2RError("stage attention_transfer has nothing to train: this conversion adds no parameters "
-                           "(gate_source: key with a fixed feature map and no window); drop that stage, or "
-                           "use a learnable feature map (linear, hedgehog) or gate_source: f_proj")
+                           "(gate_source: key, or mixer: linear, with a fixed feature map, no output norm and no "
+                           "window); drop that stage, or use a learnable feature map (linear, hedgehog), "
+                           "gate_source: f_proj or an output norm")
         raise T2RError(f"stage {stage.name} has nothing to train: the model has no GSA layers "
                        "(model.conversion.softmax_layers keeps every layer softmax)")
     return names

@@ -1,0 +1,12 @@
+"""Gated linear attention operators (the formulas: ``reference.py``; the arguments: ``ops.chunk_gla``).
+
+    from t2r.kernels.gla import chunk_gla, fused_recurrent_gla, naive_recurrent_gla
+
+One operator serves both new mixers: GLA (a data-dependent gate per key dimension) and the plain
+linear attention (a fixed decay per head, or none: g = 0). ``ops.py`` says which implementation
+runs and why the GSA Triton kernels are not reused.
+"""
+from .ops import chunk_gla, fused_recurrent_gla
+from .reference import naive_recurrent_gla
+
+__all__ = ["chunk_gla", "fused_recurrent_gla", "naive_recurrent_gla"]
