@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .hub import ALIASES, T2RError
+from .errors import T2RError
+from .hub import ALIASES
 
 
 # Short names kept from earlier releases: flag -> (option, how the value maps)

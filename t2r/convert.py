@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .hub import ModelSource, T2RError, resolve_model
+from .errors import T2RError
+from .hub import ModelSource, resolve_model
 from .kernels.gsa.utils import MAX_DIM
 from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM

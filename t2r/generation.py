@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .hub import T2RError
+from .errors import T2RError
 
 
 def pick_device(device: str | None = None) -> torch.device:

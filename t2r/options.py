@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .hub import T2RError
+from .errors import T2RError
 
 # kernels.gsa.utils.MAX_DIM (the Triton kernels' limit on K, V and M), repeated here so that building the CLI's
 # parser (which reads these fields) imports no torch; tests/test_cli_help.py checks the two agree

@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..hub import T2RError
+from ..errors import T2RError
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
 

@@ -50,7 +50,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from ..hub import T2RError
+    from ..errors import T2RError
     from .card_eval import read_eval_results
     from .folder import ExportOptions, export
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..hub import HUB_ID, T2RError, public_name
+from ..errors import T2RError
+from ..hub import HUB_ID, public_name
 from ..paths import check_out_dir, staged_folder
 from .card import CardInfo, model_card, relocate_card
 from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, TOKENIZER_DIRS, TOKENIZER_FILES, Source, inspect_source,

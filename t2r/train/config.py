@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..convert import ConversionOptions
-from ..hub import T2RError, converted_config
+from ..errors import T2RError
+from ..hub import converted_config
 
 
 class Strict(BaseModel):

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..hub import T2RError
+from ..errors import T2RError
 from ..models.modeling_t2r import T2RPreTrainedModel, causal_lm_loss, next_token_targets
 from .config import AttentionTransferStage, FinetuneStage, LoraConfig, ModelConfig
 from .losses import kl_sum, next_token_losses
