@@ -151,7 +151,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_eval(args) -> int:
+def run(args) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     result = evaluate(args.model, args.teacher, args.corpus or list(CORPUS_NAMES), args.seq_len, args.max_rows,
                       args.batch_size, args.device, args.dtype, args.branches, tasks, args.samples,
@@ -162,8 +162,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("eval", help="held-out perplexity of a model beside its teacher, on the same tokens")
+def register(subparsers) -> None:
+    """Add ``eval`` to the ``t2r`` command's subparsers."""
+    p = subparsers.add_parser("eval", help="held-out perplexity of a model beside its teacher, on the same tokens")
     p.add_argument("model", help="converted folder, finetune output folder, export, or alias / Hub id / checkpoint")
     p.add_argument("--teacher", default=None, help="the teacher (alias, Hub id, folder) scored on the same rows")
     p.add_argument("--corpus", action="append", default=None,
@@ -184,4 +185,4 @@ def register(sub) -> None:
     p.add_argument("--lm-eval-fewshot", type=int, default=None,
                    help="few-shot examples per lm-eval question (default: each task's own)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=run)

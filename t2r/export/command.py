@@ -16,7 +16,7 @@ holds (weights, modeling code, configs, tokenizer, card) that this export lacks.
 """
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(subparsers) -> None:
     """Add ``export`` to the ``t2r`` command's subparsers."""
     p = subparsers.add_parser("export", help="write a Hub-ready folder (and push it to the Hub)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +46,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-id", default=None, help="with --adapter-only: Hub id or path of the converted base, "
                    "written as the adapter's base_model_name_or_path")
     p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> None:
