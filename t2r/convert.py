@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import torch_dtype
 from .errors import T2RError
 from .hub import ModelSource, resolve_model
 from .kernels.gsa.utils import MAX_DIM
@@ -22,7 +23,6 @@ from .options import ConversionOptions, parse_layers  # noqa: F401  (re-exported
 from .paths import check_out_dir, staged_folder
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def config_from_teacher(teacher_config, options: ConversionOptions, source: str | None = None) -> T2RConfig:
@@ -134,11 +134,12 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
     """The teacher model and its tokenizer through transformers (safetensors, or GGUF)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    wanted = torch_dtype(dtype)  # None: as saved
     if source.path.startswith("tiny:"):
         from .tiny import tiny_teacher
 
         teacher, tokenizer = tiny_teacher(source.path.removeprefix("tiny:"))
-        return (teacher if DTYPES[dtype] is None else teacher.to(DTYPES[dtype])), tokenizer
+        return (teacher if wanted is None else teacher.to(wanted)), tokenizer
     kwargs = {**source.load_kwargs(), "local_files_only": source.local}
     teacher_config = AutoConfig.from_pretrained(source.path, **kwargs)
     if teacher_config.model_type not in SUPPORTED_ARCHITECTURES:
@@ -146,11 +147,10 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
             f"{source.name}: architecture {teacher_config.model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    torch_dtype = DTYPES[dtype] or "auto"
     weights = {} if source.gguf_file else {"use_safetensors": True}  # never a pickle (it can run code)
     try:
         with _gguf_bar_follows_transformers() if source.gguf_file else contextlib.nullcontext():
-            teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **weights, **kwargs)
+            teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=wanted or "auto", **weights, **kwargs)
     except OSError as e:
         if "safetensors" not in str(e):
             raise

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from .dtypes import DTYPE_CHOICES
+
 
 def register(subparsers) -> None:
     """Add ``generate`` to the ``t2r`` command's subparsers."""
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
                    help="wrap the prompt in the tokenizer's chat template (auto: when it has one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
     p.set_defaults(func=run)
 

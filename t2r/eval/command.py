@@ -14,6 +14,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..dtypes import DTYPE_CHOICES
 from ..errors import T2RError
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
@@ -27,13 +28,14 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
 
     import torch
 
-    from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
+    from ..convert import ConversionOptions, convert_model, load_teacher
+    from ..dtypes import torch_dtype as dtype_of
     from ..hub import converted_folder, resolve_model
 
     path = Path(source).expanduser()
     if (path / "run_summary.json").is_file() and (path / "model").is_dir():
         path = path / "model"
-    torch_dtype = DTYPES[dtype] or ("auto" if torch.device(device).type == "cuda" else torch.float32)
+    torch_dtype = dtype_of(dtype) or ("auto" if torch.device(device).type == "cuda" else torch.float32)
     folder = None if teacher else converted_folder(path)  # a t2r folder, or the Hub id of one (downloaded)
     if folder is not None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
@@ -173,7 +175,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-rows", type=int, default=32, help="rows scored per corpus (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per forward (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
     p.add_argument("--branches", action="store_true",
                    help="for a window hybrid, also score its GSA-only and window-only ablations")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..dtypes import DTYPE_NAMES
+
 DESCRIPTION = """\
 Write a Hub-ready folder from a finetune run's output (or one of its checkpoints) or a converted
 folder: safetensors weights, config.json with auto_map, the tokenizer, generation_config.json,
@@ -29,7 +31,7 @@ def register(subparsers) -> None:
     lora.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter",
                       help="export only the LoRA adapter, to load with peft on top of the converted base")
     p.set_defaults(mode="auto")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="cast the weights (the GSA output norms stay fp32); default: keep the source's")
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (default 5GB)")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
