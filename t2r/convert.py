@@ -19,6 +19,7 @@ from .hub import ModelSource, resolve_model
 from .kernels.gsa.utils import MAX_DIM
 from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM
+from .models.modeling_t2r import gsa_new_module, keeps_fp32
 from .options import ConversionOptions, parse_layers  # noqa: F401  (re-exported)
 from .paths import check_out_dir, staged_folder
 
@@ -74,8 +75,7 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
 
 def new_parameter_names(model) -> list[str]:
     """Parameters a conversion adds (everything else comes from the teacher)."""
-    new = {f".self_attn.{m}." for m in T2RForCausalLM.gsa_new_modules}
-    return [n for n, _ in model.named_parameters() if any(m in n for m in new)]
+    return [n for n, _ in model.named_parameters() if gsa_new_module(n)]
 
 
 def convert_model(teacher, options: ConversionOptions, source: str | None = None) -> T2RForCausalLM:
@@ -95,11 +95,10 @@ def convert_model(teacher, options: ConversionOptions, source: str | None = None
             f"unexpected {unexpected[:5]}"
         )
     ref = teacher.get_input_embeddings().weight
-    keep_fp32 = tuple(f".{m}." for m in T2RForCausalLM._keep_in_fp32_modules_strict)
     for name in sorted(new):  # materialise (from meta), then each layer initialises its own
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
-        dtype = torch.float32 if any(m in name for m in keep_fp32) else ref.dtype
+        dtype = torch.float32 if keeps_fp32(name) else ref.dtype
         value = torch.empty(getattr(module, param_name).shape, device=ref.device, dtype=dtype)
         setattr(module, param_name, torch.nn.Parameter(value))
     gen = torch.Generator().manual_seed(options.seed)

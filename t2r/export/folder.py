@@ -18,6 +18,7 @@ import torch
 from ..dtypes import DTYPE_NAMES, torch_dtype
 from ..errors import T2RError
 from ..hub import HUB_ID, public_name
+from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_out_dir, staged_folder
 from .card import CardInfo, model_card, relocate_card
 from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, TOKENIZER_DIRS, TOKENIZER_FILES, Source, inspect_source,
@@ -61,9 +62,8 @@ def _version() -> str:
 
 def cast_model(model, dtype: torch.dtype) -> None:
     """Cast floating weights to ``dtype`` in place, except the modules the model keeps in fp32 (g_norm)."""
-    keep = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     for module_name, module in model.named_modules():
-        fp32 = any(part in keep for part in module_name.split("."))
+        fp32 = keeps_fp32(module_name)
         for tensors in (module._parameters, module._buffers):
             for t in tensors.values():
                 if t is not None and t.is_floating_point():
@@ -167,10 +167,7 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
     lora = read_lora_config(src.adapter_dir)
     tensors = load_file(src.adapter_dir / ADAPTER_WEIGHTS)
     if options.dtype:
-        from ..models import T2RForCausalLM
-
-        keep = set(T2RForCausalLM._keep_in_fp32_modules_strict)  # as cast_model: the GSA output norms stay fp32
-        tensors = {k: (v.to(torch.float32 if keep & set(k.split(".")) else torch_dtype(options.dtype))
+        tensors = {k: (v.to(torch.float32 if keeps_fp32(k) else torch_dtype(options.dtype))
                        if v.is_floating_point() else v) for k, v in tensors.items()}
     save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     base_ref = options.base_id or str(src.base_dir.resolve())
