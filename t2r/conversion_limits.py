@@ -2,8 +2,8 @@
 ``ConversionOptions`` (t2r/options.py: the ``t2r convert`` flags and the finetune config's
 ``model.conversion``) and by ``T2RConfig.check`` (a converted folder's config.json).
 
-No imports: the command line builds its parser from this without torch, and an export's remote
-code carries it as it is.
+Plain Python, importing nothing: the command line builds its parser from this without torch, and an
+export's remote code carries it as it is.
 """
 from __future__ import annotations
 
