@@ -14,3 +14,11 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, _TORCH_NAMES[name])
+
+
+def loading_dtype(name: str, device):
+    """What ``from_pretrained`` gets for ``--dtype NAME`` on ``device``: the named dtype, or for ``auto`` the saved
+    one on CUDA and fp32 on CPU (half precision is slow there)."""
+    import torch
+
+    return torch_dtype(name) or ("auto" if torch.device(device).type == "cuda" else torch.float32)

@@ -26,16 +26,14 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import torch
-
     from ..convert import ConversionOptions, convert_model, load_teacher
-    from ..dtypes import torch_dtype as dtype_of
+    from ..dtypes import loading_dtype
     from ..hub import converted_folder, resolve_model
 
     path = Path(source).expanduser()
     if (path / "run_summary.json").is_file() and (path / "model").is_dir():
         path = path / "model"
-    torch_dtype = dtype_of(dtype) or ("auto" if torch.device(device).type == "cuda" else torch.float32)
+    torch_dtype = loading_dtype(dtype, device)
     folder = None if teacher else converted_folder(path)  # a t2r folder, or the Hub id of one (downloaded)
     if folder is not None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
