@@ -16,6 +16,9 @@ def torch_dtype(name: str):
     return getattr(torch, _TORCH_NAMES[name])
 
 
+LOADING_HELP = "weights' dtype (auto: as saved on cuda, fp32 on cpu)"  # --dtype of the commands that load a model
+
+
 def loading_dtype(name: str, device):
     """What ``from_pretrained`` gets for ``--dtype NAME`` on ``device``: the named dtype, or for ``auto`` the saved
     one on CUDA and fp32 on CPU (half precision is slow there)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .dtypes import DTYPE_CHOICES
+from .dtypes import DTYPE_CHOICES, LOADING_HELP
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                    help="wrap the prompt in the tokenizer's chat template (auto: when it has one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
+                   help=LOADING_HELP)
     p.set_defaults(func=run)
 
 

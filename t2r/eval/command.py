@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..dtypes import DTYPE_CHOICES
+from ..dtypes import DTYPE_CHOICES, LOADING_HELP
 from ..errors import T2RError
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
@@ -174,7 +174,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="rows per forward (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
+                   help=LOADING_HELP)
     p.add_argument("--branches", action="store_true",
                    help="for a window hybrid, also score its GSA-only and window-only ablations")
     p.add_argument("--tasks", default="ppl", help="comma-separated: ppl (held-out perplexity), mqar (multi-query "
