@@ -13,15 +13,17 @@ from pathlib import Path
 
 import torch
 
-from .hub import ModelSource, T2RError, resolve_model
+from .dtypes import torch_dtype
+from .errors import T2RError
+from .hub import ModelSource, resolve_model
 from .kernels.gsa.utils import MAX_DIM
 from .layers.gsa import GatedSlotAttention
 from .models import T2RConfig, T2RForCausalLM
+from .models.modeling_t2r import gsa_new_module, keeps_fp32
 from .options import ConversionOptions, parse_layers  # noqa: F401  (re-exported)
 from .paths import check_out_dir, staged_folder
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def config_from_teacher(teacher_config, options: ConversionOptions, source: str | None = None) -> T2RConfig:
@@ -74,8 +76,7 @@ def config_from_teacher(teacher_config, options: ConversionOptions, source: str 
 
 def new_parameter_names(model) -> list[str]:
     """Parameters a conversion adds (everything else comes from the teacher)."""
-    new = {f".self_attn.{m}." for m in T2RForCausalLM.gsa_new_modules}
-    return [n for n, _ in model.named_parameters() if any(m in n for m in new)]
+    return [n for n, _ in model.named_parameters() if gsa_new_module(n)]
 
 
 def convert_model(teacher, options: ConversionOptions, source: str | None = None) -> T2RForCausalLM:
@@ -95,11 +96,10 @@ def convert_model(teacher, options: ConversionOptions, source: str | None = None
             f"unexpected {unexpected[:5]}"
         )
     ref = teacher.get_input_embeddings().weight
-    keep_fp32 = tuple(f".{m}." for m in T2RForCausalLM._keep_in_fp32_modules_strict)
     for name in sorted(new):  # materialise (from meta), then each layer initialises its own
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
-        dtype = torch.float32 if any(m in name for m in keep_fp32) else ref.dtype
+        dtype = torch.float32 if keeps_fp32(name) else ref.dtype
         value = torch.empty(getattr(module, param_name).shape, device=ref.device, dtype=dtype)
         setattr(module, param_name, torch.nn.Parameter(value))
     gen = torch.Generator().manual_seed(options.seed)
@@ -134,11 +134,12 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
     """The teacher model and its tokenizer through transformers (safetensors, or GGUF)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    wanted = torch_dtype(dtype)  # None: as saved
     if source.path.startswith("tiny:"):
         from .tiny import tiny_teacher
 
         teacher, tokenizer = tiny_teacher(source.path.removeprefix("tiny:"))
-        return (teacher if DTYPES[dtype] is None else teacher.to(DTYPES[dtype])), tokenizer
+        return (teacher if wanted is None else teacher.to(wanted)), tokenizer
     kwargs = {**source.load_kwargs(), "local_files_only": source.local}
     teacher_config = AutoConfig.from_pretrained(source.path, **kwargs)
     if teacher_config.model_type not in SUPPORTED_ARCHITECTURES:
@@ -146,11 +147,10 @@ def load_teacher(source: ModelSource, dtype: str = "auto"):
             f"{source.name}: architecture {teacher_config.model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    torch_dtype = DTYPES[dtype] or "auto"
     weights = {} if source.gguf_file else {"use_safetensors": True}  # never a pickle (it can run code)
     try:
         with _gguf_bar_follows_transformers() if source.gguf_file else contextlib.nullcontext():
-            teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **weights, **kwargs)
+            teacher = AutoModelForCausalLM.from_pretrained(source.path, dtype=wanted or "auto", **weights, **kwargs)
     except OSError as e:
         if "safetensors" not in str(e):
             raise

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .hub import T2RError
+from .errors import T2RError
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -41,7 +41,7 @@ def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: 
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .convert import DTYPES
+    from .dtypes import loading_dtype
     from .hub import ALIASES, check_model_folder, converted_folder, hub_repo
 
     dev = pick_device(device)
@@ -58,8 +58,7 @@ def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: 
             raise T2RError(f"{path} is not a model folder (no config.json); convert one first: t2r convert MODEL "
                            "--out DIR")
     check_model_folder(path)
-    torch_dtype = DTYPES[dtype] or ("auto" if dev.type == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=loading_dtype(dtype, dev), use_safetensors=True).to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

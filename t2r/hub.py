@@ -10,10 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-
-class T2RError(Exception):
-    """A user-facing error: the message says what was wrong and what to do."""
-
+from .errors import T2RError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

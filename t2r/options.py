@@ -6,11 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .hub import T2RError
+from .conversion_limits import (FEATURE_MAPS, F_PROJ_INITS, GATE_SOURCES, LIMITS, LINEAR_DECAYS, MAX_DIM, MIXERS,
+                                V_ACTIVATIONS)
+from .dtypes import DTYPE_CHOICES
+from .errors import T2RError
 
-# kernels.gsa.utils.MAX_DIM (the Triton kernels' limit on K, V and M), repeated here so that building the CLI's
-# parser (which reads these fields) imports no torch; tests/test_cli_help.py checks the two agree
-MAX_DIM = 128
+
+def _field(name: str, **kwargs):
+    """The pydantic field of conversion option ``name``: its default and bounds from ``LIMITS``."""
+    limit = LIMITS[name]
+    return Field(limit.default, **limit.bounds, **kwargs)
 
 
 class ConversionOptions(BaseModel):
@@ -18,31 +23,32 @@ class ConversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mixer: Literal["gsa", "gla", "linear"] = Field(
-        "gsa", description="what replaces softmax attention: gsa (gated slots), gla (gated linear attention, a "
+    mixer: Literal[MIXERS] = _field(
+        "mixer", description="what replaces softmax attention: gsa (gated slots), gla (gated linear attention, a "
         "learned forget gate per key dim) or linear (linear attention, fixed decay per head)")
-    num_slots: int = Field(64, ge=1, le=MAX_DIM, description=f"memory slots per kv head (M; the GPU kernels "
-                           f"hold up to {MAX_DIM})")
-    gate_logit_normalizer: float = Field(8.0, gt=0, description="tau in g = logsigmoid(gate logits) / tau")
-    feature_map: Literal["swish", "relu", "identity", "elu1", "softmax", "linear", "hedgehog"] = "swish"
-    use_rope: bool = Field(False, description="keep RoPE on q/k in GSA layers (the paper drops it)")
-    gsa_scale: float | None = Field(None, gt=0, description="logit scale; default 1.0 with swish, head_dim^0.5 "
-                                    "with softmax/hedgehog, else head_dim^-0.5 (gla, linear: head_dim^-0.5)")
-    v_activation: Literal["silu", "identity"] = "silu"
-    output_norm: bool = Field(True, description="o_proj(RMSNorm(silu(o))) instead of o_proj(o) (gla, linear: "
-                                                     "RMSNorm(o) per head)")
-    gate_source: Literal["f_proj", "key"] = Field(
-        "f_proj", description="gate logits from a new f_proj, or pooled from the key projection (no new weights)")
-    f_proj_init: Literal["key", "random"] = Field(
-        "key", description="initialise f_proj from the key projection pooled to the slots, or at random")
-    window_size: int = Field(0, ge=0, le=4096, description="exact softmax attention over the last W tokens "
-                             "inside each GSA layer, GSA for older ones (0: pure GSA)")
-    gate_rank: int = Field(16, ge=1, le=1024, description="gla: rank of the low-rank gate projection")
-    linear_decay: Literal["retnet", "none"] = Field(
-        "retnet", description="linear: RetNet's fixed decay 1 - 2^(-5-h) per kv head h, or none")
+    num_slots: int = _field("num_slots", description=f"memory slots per kv head (M; the GPU kernels hold up to "
+                            f"{MAX_DIM})")
+    gate_logit_normalizer: float = _field("gate_logit_normalizer",
+                                          description="tau in g = logsigmoid(gate logits) / tau")
+    feature_map: Literal[FEATURE_MAPS] = _field("feature_map")
+    use_rope: bool = _field("use_rope", description="keep RoPE on q/k in GSA layers (the paper drops it)")
+    gsa_scale: float | None = _field("gsa_scale", description="logit scale; default 1.0 with swish, head_dim^0.5 "
+                                     "with softmax/hedgehog, else head_dim^-0.5 (gla, linear: head_dim^-0.5)")
+    v_activation: Literal[V_ACTIVATIONS] = _field("v_activation")
+    output_norm: bool = _field("output_norm", description="o_proj(RMSNorm(silu(o))) instead of o_proj(o) "
+                          "(gla, linear: RMSNorm(o) per head)")
+    gate_source: Literal[GATE_SOURCES] = _field(
+        "gate_source", description="gate logits from a new f_proj, or pooled from the key projection (no new weights)")
+    f_proj_init: Literal[F_PROJ_INITS] = _field(
+        "f_proj_init", description="initialise f_proj from the key projection pooled to the slots, or at random")
+    window_size: int = _field("window_size", description="exact softmax attention over the last W tokens "
+                              "inside each GSA layer, GSA for older ones (0: pure GSA)")
+    gate_rank: int = _field("gate_rank", description="gla: rank of the low-rank gate projection")
+    linear_decay: Literal[LINEAR_DECAYS] = _field(
+        "linear_decay", description="linear: RetNet's fixed decay 1 - 2^(-5-h) per kv head h, or none")
     softmax_layers: str | list[int] = Field(
         "none", description="layers kept as softmax attention: 'none', 'all', or indices like '0,8-11'")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    dtype: Literal[DTYPE_CHOICES] = "auto"
     seed: int = 0
 
 

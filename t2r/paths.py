@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .hub import T2RError
+from .errors import T2RError
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from t2r.cli import main
-from t2r.hub import T2RError
+from t2r.errors import T2RError
 from t2r.tiny import tiny_teacher
 
 

@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from t2r.convert import ConversionOptions, convert, convert_model, new_parameter_names, parse_layers
-from t2r.hub import T2RError, resolve_model
+from t2r.errors import T2RError
+from t2r.hub import resolve_model
 from t2r.tiny import byte_level_tokenizer, tiny_teacher
 
 MEASURE_PEAK = r"""

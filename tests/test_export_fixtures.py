@@ -15,9 +15,9 @@ import torch
 
 from t2r.convert import ConversionOptions, convert_model
 from t2r.tiny import tiny_teacher
+from t2r.train.stages import gsa_modules_present
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-GSA_MODULES = ["f_proj", "g_norm"]
 IDS = torch.tensor([[5, 77, 180, 33, 2, 250, 91, 14, 66, 120, 7, 201, 45, 99],
                     [190, 3, 58, 211, 76, 12, 140, 88, 31, 254, 9, 160, 22, 71]])
 
@@ -58,7 +58,7 @@ def make_run(root: Path, lora: bool = True, family: str = "llama", checkpoint: b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers, about a name peft calls
             model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
-                                                    modules_to_save=GSA_MODULES, task_type="CAUSAL_LM"))
+                                                    modules_to_save=gsa_modules_present(base), task_type="CAUSAL_LM"))
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # as if trained: LoRA B is zero at init, and the saved copies change
             for name, p in model.named_parameters():

@@ -65,6 +65,17 @@ def test_an_edited_num_slots_is_caught_before_loading(copy, tmp_path, capsys):
     assert "implies [64, 64]" in err and "if config.json was edited, restore the one saved with these weights" in err
 
 
+
+def test_a_config_beyond_the_conversion_limits_is_refused_by_its_bound(copy, tmp_path, capsys):
+    """config.json holds to the bounds `t2r convert` holds to: 256 slots (more than the GPU kernels hold) is named
+    with the limit, not found later as a shape mismatch or at the first GPU forward."""
+    config = json.loads((copy / "config.json").read_text())
+    config["num_slots"] = 256
+    (copy / "config.json").write_text(json.dumps(config))
+    err = _fails(capsys, copy, tmp_path / "e")
+    assert f"{copy / 'config.json'}: num_slots=256 must be >= 1 and <= 128" in err and "restore the config.json" in err
+
+
 def test_a_missing_shard_is_named(converted, tmp_path, capsys):
     assert main(["export", str(converted), "--out", str(tmp_path / "sharded"), "--max-shard-size", "200KB"]) == 0
     shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[-1]

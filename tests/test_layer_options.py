@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from t2r.conversion_limits import FEATURE_MAPS
 from t2r.kernels.gsa import naive_recurrent_gsa
 from t2r.layers.attention import AttentionContext
 from t2r.layers.gsa import GatedSlotAttention
@@ -187,3 +188,13 @@ def test_learnable_feature_maps_start_where_identity_would(opts):
     w = model.model.layers[0].self_attn.q_map.weight
     if opts["feature_map"] == "linear":
         assert torch.equal(w, torch.eye(w.shape[1]).expand_as(w))
+
+
+@pytest.mark.parametrize("kind", FEATURE_MAPS)
+def test_every_feature_map_the_options_offer_runs(kind):
+    """Each --feature-map choice builds a layer whose forward gives finite outputs of the input's shape."""
+    c, layer = _layer(feature_map=kind)
+    x = torch.randn(B, T, HID, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = layer(x, _ctx(c, x))
+    assert out.shape == x.shape and torch.isfinite(out).all()

@@ -14,7 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..hub import T2RError
+from ..dtypes import DTYPE_CHOICES, LOADING_HELP
+from ..errors import T2RError
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
 
@@ -25,15 +26,14 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
     import t2r  # noqa: F401  (registers the t2r model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import torch
-
-    from ..convert import DTYPES, ConversionOptions, convert_model, load_teacher
+    from ..convert import ConversionOptions, convert_model, load_teacher
+    from ..dtypes import loading_dtype
     from ..hub import converted_folder, resolve_model
 
     path = Path(source).expanduser()
     if (path / "run_summary.json").is_file() and (path / "model").is_dir():
         path = path / "model"
-    torch_dtype = DTYPES[dtype] or ("auto" if torch.device(device).type == "cuda" else torch.float32)
+    torch_dtype = loading_dtype(dtype, device)
     folder = None if teacher else converted_folder(path)  # a t2r folder, or the Hub id of one (downloaded)
     if folder is not None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
@@ -151,7 +151,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_eval(args) -> int:
+def run(args) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     result = evaluate(args.model, args.teacher, args.corpus or list(CORPUS_NAMES), args.seq_len, args.max_rows,
                       args.batch_size, args.device, args.dtype, args.branches, tasks, args.samples,
@@ -162,8 +162,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("eval", help="held-out perplexity of a model beside its teacher, on the same tokens")
+def register(subparsers) -> None:
+    """Add ``eval`` to the ``t2r`` command's subparsers."""
+    p = subparsers.add_parser("eval", help="held-out perplexity of a model beside its teacher, on the same tokens")
     p.add_argument("model", help="converted folder, finetune output folder, export, or alias / Hub id / checkpoint")
     p.add_argument("--teacher", default=None, help="the teacher (alias, Hub id, folder) scored on the same rows")
     p.add_argument("--corpus", action="append", default=None,
@@ -172,8 +173,8 @@ def register(sub) -> None:
     p.add_argument("--max-rows", type=int, default=32, help="rows scored per corpus (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per forward (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights' dtype (auto: as saved on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help=LOADING_HELP)
     p.add_argument("--branches", action="store_true",
                    help="for a window hybrid, also score its GSA-only and window-only ablations")
     p.add_argument("--tasks", default="ppl", help="comma-separated: ppl (held-out perplexity), mqar (multi-query "
@@ -184,4 +185,4 @@ def register(sub) -> None:
     p.add_argument("--lm-eval-fewshot", type=int, default=None,
                    help="few-shot examples per lm-eval question (default: each task's own)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=run)

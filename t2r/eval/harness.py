@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..hub import T2RError
+from ..errors import T2RError
 
 PREFIX = "lm-eval:"
 PRESETS = {"commonsense": ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai"),

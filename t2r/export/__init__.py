@@ -8,9 +8,8 @@
     push.py         upload through huggingface_hub
     command.py      the argparse subcommand
 
-Importing this package is cheap (the CLI imports it to register the subcommand).
+Importing this package is cheap (the CLI imports t2r.export.command to register the subcommand).
 """
-from .command import register
 
 
 def export(*args, **kwargs):
@@ -20,4 +19,4 @@ def export(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["export", "register"]
+__all__ = ["export"]

@@ -150,7 +150,7 @@ def _conversion(info: CardInfo) -> list[str]:
     from ..models import T2RConfig
 
     c = info.config
-    scale = T2RConfig.from_dict(c).gsa_logit_scale
+    cfg = T2RConfig.from_dict(c)  # what the model reads: the config's defaults filled in, its logit scale
     window = c.get("window_size") or 0
     mixer = c.get("mixer", "gsa")
     rows = [
@@ -164,11 +164,10 @@ def _conversion(info: CardInfo) -> list[str]:
         ("feature map on q, k", c["feature_map"]),
         ("value activation", c["v_activation"]),
         ("RoPE in GSA layers", "kept" if c.get("use_rope") else "dropped"),
-        ("logit scale", f"{scale:g}"),
+        ("logit scale", f"{cfg.gsa_logit_scale:g}"),
         ("output norm", "o_proj(RMSNorm(silu(o))), norm weights in fp32" if c.get("output_norm") else "none"),
-        ("gate logits", "f_proj (initialised from the key projection)" if c.get("gate_source", "f_proj") == "f_proj"
-         and c.get("f_proj_init") == "key" else "f_proj" if c.get("gate_source", "f_proj") == "f_proj"
-         else "pooled from the key projection"),
+        ("gate logits", "pooled from the key projection" if cfg.gate_source == "key"
+         else "f_proj (initialised from the key projection)" if c.get("f_proj_init") == "key" else "f_proj"),
         ("window", f"exact softmax over the last {window} tokens + {mixer.upper()} for older ones" if window else "none"),
         ("heads / kv heads / head dim", f"{c['num_attention_heads']} / {c['num_key_value_heads']} / {c['head_dim']}"),
         ("weights dtype", info.dtype),

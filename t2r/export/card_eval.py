@@ -8,7 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from ..hub import HUB_ID, T2RError, public_name
+from ..errors import T2RError
+from ..hub import HUB_ID, public_name
 
 
 def _number(x) -> bool:

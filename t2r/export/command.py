@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..dtypes import DTYPE_NAMES
+
 DESCRIPTION = """\
 Write a Hub-ready folder from a finetune run's output (or one of its checkpoints) or a converted
 folder: safetensors weights, config.json with auto_map, the tokenizer, generation_config.json,
@@ -16,7 +18,7 @@ holds (weights, modeling code, configs, tokenizer, card) that this export lacks.
 """
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(subparsers) -> None:
     """Add ``export`` to the ``t2r`` command's subparsers."""
     p = subparsers.add_parser("export", help="write a Hub-ready folder (and push it to the Hub)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     lora.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter",
                       help="export only the LoRA adapter, to load with peft on top of the converted base")
     p.set_defaults(mode="auto")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="cast the weights (the GSA output norms stay fp32); default: keep the source's")
     p.add_argument("--max-shard-size", default="5GB", help="split weights into shards above this size (default 5GB)")
     p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
@@ -46,11 +48,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base-id", default=None, help="with --adapter-only: Hub id or path of the converted base, "
                    "written as the adapter's base_model_name_or_path")
     p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> None:
-    from ..hub import T2RError
+    from ..errors import T2RError
     from .card_eval import read_eval_results
     from .folder import ExportOptions, export
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..hub import HUB_ID, T2RError, public_name
+from ..dtypes import DTYPE_NAMES, torch_dtype
+from ..errors import T2RError
+from ..hub import HUB_ID, public_name
+from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_out_dir, staged_folder
 from .card import CardInfo, model_card, relocate_card
 from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, TOKENIZER_DIRS, TOKENIZER_FILES, Source, inspect_source,
@@ -23,7 +26,6 @@ from .load import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, TOKENIZER_DIRS, TO
 from .push import check_push, push_folder
 from .remote_code import AUTO_MAP, check_loadable, write_remote_code
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("auto", "merge", "adapter")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -60,9 +62,8 @@ def _version() -> str:
 
 def cast_model(model, dtype: torch.dtype) -> None:
     """Cast floating weights to ``dtype`` in place, except the modules the model keeps in fp32 (g_norm)."""
-    keep = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     for module_name, module in model.named_modules():
-        fp32 = any(part in keep for part in module_name.split("."))
+        fp32 = keeps_fp32(module_name)
         for tensors in (module._parameters, module._buffers):
             for t in tensors.values():
                 if t is not None and t.is_floating_point():
@@ -136,7 +137,7 @@ def write_model(tmp: Path, src: Source, mode: str, options: ExportOptions, locat
         log(f"loading {src.model_dir}")
         model = load_model(src.model_dir)
         saved, files_from = model.config.dtype, src.model_dir
-    target = DTYPES[options.dtype] if options.dtype else (saved if isinstance(saved, torch.dtype) else
+    target = torch_dtype(options.dtype) if options.dtype else (saved if isinstance(saved, torch.dtype) else
                                                           getattr(torch, str(saved or "float32")))
     cast_model(model, target)
     model.config.auto_map = dict(AUTO_MAP)
@@ -166,10 +167,7 @@ def write_adapter(tmp: Path, src: Source, options: ExportOptions, location: str,
     lora = read_lora_config(src.adapter_dir)
     tensors = load_file(src.adapter_dir / ADAPTER_WEIGHTS)
     if options.dtype:
-        from ..models import T2RForCausalLM
-
-        keep = set(T2RForCausalLM._keep_in_fp32_modules_strict)  # as cast_model: the GSA output norms stay fp32
-        tensors = {k: (v.to(torch.float32 if keep & set(k.split(".")) else DTYPES[options.dtype])
+        tensors = {k: (v.to(torch.float32 if keeps_fp32(k) else torch_dtype(options.dtype))
                        if v.is_floating_point() else v) for k, v in tensors.items()}
     save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     base_ref = options.base_id or str(src.base_dir.resolve())
@@ -211,8 +209,8 @@ def export(source: str | Path, out: str | Path | None, options: ExportOptions | 
     options = options or ExportOptions()
     if options.mode not in MODES:
         raise ValueError(f"mode {options.mode!r} is not one of {MODES}")
-    if options.dtype is not None and options.dtype not in DTYPES:
-        raise T2RError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    if options.dtype is not None and options.dtype not in DTYPE_NAMES:
+        raise T2RError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     parse_size(options.max_shard_size)
     if options.push_to_hub:
         check_push(options.push_to_hub, options.revision)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..hub import PICKLE_SUFFIXES, T2RError, converted_folder, hub_repo
+from ..errors import T2RError
+from ..hub import PICKLE_SUFFIXES, converted_folder, hub_repo
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

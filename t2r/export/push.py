@@ -10,7 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from ..hub import T2RError
+from ..errors import T2RError
 from .load import ADAPTER_CONFIG, EXPORT_PATTERNS, MANIFEST, read_json
 
 BRANCH = re.compile(r"^(?!.*\.\.)(?!/)(?!.*//)[\w.-][\w./-]*(?<![/.])$")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2r.conversion_limits import FEATURE_MAPS
+
 FIXED = {
     "swish": F.silu,
     "relu": F.relu,
@@ -25,8 +27,7 @@ FIXED = {
     "elu1": lambda x: F.elu(x) + 1.0,
     "softmax": lambda x: F.softmax(x.float(), dim=-1).to(x.dtype),
 }
-LEARNABLE = ("linear", "hedgehog")
-FEATURE_MAPS = tuple(FIXED) + LEARNABLE
+LEARNABLE = ("linear", "hedgehog")  # FIXED and LEARNABLE implement conversion_limits.FEATURE_MAPS
 
 
 class FixedFeatureMap(nn.Module):

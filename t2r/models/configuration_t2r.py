@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from t2r.layers.feature_maps import FEATURE_MAPS
+from t2r.conversion_limits import LIMITS
+from t2r.kernels.gsa.backend import BACKENDS
 
-V_ACTIVATIONS = ("silu", "identity")
-GATE_SOURCES = ("f_proj", "key")
-MIXERS = ("gsa", "gla", "linear")
-LINEAR_DECAYS = ("retnet", "none")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
@@ -50,23 +47,24 @@ class T2RConfig(PretrainedConfig):
     base_model_type: str = "llama"
     base_model_name_or_path: str | None = None
     # the conversion
-    mixer: str = "gsa"  # what replaces softmax attention: gsa | gla | linear (t2r/layers/gla.py)
+    mixer: str = LIMITS["mixer"].default  # what replaces softmax attention: gsa | gla | linear (t2r/layers/gla.py)
     gsa_layers: list[int] | None = None  # None: every layer
-    num_slots: int = 64
-    gate_logit_normalizer: float = 8.0
-    feature_map: str = "swish"
-    use_rope: bool = False
-    gsa_scale: float | None = None  # None: 1.0 with swish, head_dim ** 0.5 with softmax/hedgehog, else (and for
-    # the gla and linear mixers) head_dim ** -0.5
-    v_activation: str = "silu"
-    output_norm: bool = True
-    gate_source: str = "f_proj"  # f_proj: a new gate projection; key: pooled from the key projection
-    f_proj_init: str = "key"  # how the conversion initialised f_proj: key (pooled k_proj) or random
-    window_size: int = 0  # > 0: exact softmax over the last window_size tokens + GSA for older ones
+    # (defaults and allowed values: t2r/conversion_limits.py, shared with the conversion options)
+    num_slots: int = LIMITS["num_slots"].default
+    gate_logit_normalizer: float = LIMITS["gate_logit_normalizer"].default
+    feature_map: str = LIMITS["feature_map"].default
+    use_rope: bool = LIMITS["use_rope"].default
+    gsa_scale: float | None = LIMITS["gsa_scale"].default  # None: gsa_logit_scale picks one by feature map
+    # (and head_dim ** -0.5 for the gla and linear mixers)
+    v_activation: str = LIMITS["v_activation"].default
+    output_norm: bool = LIMITS["output_norm"].default
+    gate_source: str = LIMITS["gate_source"].default  # f_proj: a new gate projection; key: pooled from k_proj
+    f_proj_init: str = LIMITS["f_proj_init"].default  # how the conversion initialised f_proj: key or random
+    window_size: int = LIMITS["window_size"].default  # > 0: exact softmax over the last W tokens + GSA for older
     gsa_norm_eps: float = 1e-5
     gsa_backend: str = "auto"
-    gate_rank: int = 16  # gla: rank of the low-rank gate projection
-    linear_decay: str = "retnet"  # linear: a fixed decay per kv head (RetNet's) or none
+    gate_rank: int = LIMITS["gate_rank"].default  # gla: rank of the low-rank gate projection
+    linear_decay: str = LIMITS["linear_decay"].default  # linear: a fixed decay per kv head (RetNet's) or none
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -95,21 +93,12 @@ class T2RConfig(PretrainedConfig):
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        choices = {"feature_map": FEATURE_MAPS, "v_activation": V_ACTIVATIONS, "gate_source": GATE_SOURCES,
-                   "f_proj_init": ("key", "random"), "gsa_backend": ("auto", "torch", "triton"),
-                   "mixer": MIXERS, "linear_decay": LINEAR_DECAYS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.num_slots < 1 or self.gate_logit_normalizer <= 0:
-            raise ValueError(
-                f"num_slots must be >= 1 and gate_logit_normalizer > 0, got {self.num_slots}, "
-                f"{self.gate_logit_normalizer}"
-            )
-        if self.gate_rank < 1:
-            raise ValueError(f"gate_rank must be >= 1, got {self.gate_rank}")
-        if self.window_size < 0:
-            raise ValueError(f"window_size must be >= 0 (0: no window), got {self.window_size}")
+        for name, limit in LIMITS.items():
+            problem = limit.problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
+        if self.gsa_backend not in BACKENDS:
+            raise ValueError(f"gsa_backend={self.gsa_backend!r} is not one of {', '.join(BACKENDS)}")
         if self.feature_map == "hedgehog" and self.head_dim % 2:
             raise ValueError(f"feature_map='hedgehog' needs an even head_dim, got {self.head_dim}")
         if len(self.layer_types) != L:

@@ -98,8 +98,19 @@ class T2RPreTrainedModel(PreTrainedModel):
 
 
 def keeps_fp32(param_name: str) -> bool:
-    """Whether this parameter stays fp32 whatever the weights' dtype (the output norm, the window mix)."""
+    """Whether this parameter (or module) stays fp32 whatever the weights' dtype (the output norm, the window
+    mix)."""
     return any(part in T2RPreTrainedModel._keep_in_fp32_modules_strict for part in param_name.split("."))
+
+
+def gsa_new_module(param_name: str) -> str | None:
+    """The module of ``gsa_new_modules`` this parameter belongs to; None for the teacher's parameters. Names
+    wrapped by peft (``base_model.model.`` ..., ``modules_to_save``) are read the same."""
+    parts = param_name.split(".")
+    for parent, part in zip(parts, parts[1:]):
+        if parent == "self_attn" and part in T2RPreTrainedModel.gsa_new_modules:
+            return part
+    return None
 
 
 def _cu_seqlens_to_doc_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..hub import T2RError
+from ..errors import T2RError
 
 
 @dataclass

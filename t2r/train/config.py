@@ -12,8 +12,10 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..convert import ConversionOptions
-from ..hub import T2RError, converted_config
+from ..dtypes import DTYPE_CHOICES
+from ..errors import T2RError
+from ..hub import converted_config
+from ..options import ConversionOptions
 
 
 class Strict(BaseModel):
@@ -195,7 +197,7 @@ class RunConfig(Strict):
     stages: list[Stage] = Field(min_length=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     batch: BatchConfig = BatchConfig()
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal[DTYPE_CHOICES] = Field(
         "auto", description="auto: bf16 mixed precision on GPUs that have it, fp32 on CPU")
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..hub import T2RError
+from ..errors import T2RError
 from .config import DataConfig
 
 _MAP_BARS = contextvars.ContextVar("t2r_map_bars", default=False)

@@ -10,7 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from ..hub import T2RError
+from ..errors import T2RError
 from ..paths import pid_alive
 
 

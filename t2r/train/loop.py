@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..hub import ALIAS_LICENSES, T2RError
+from ..errors import T2RError
+from ..hub import ALIAS_LICENSES
 from ..export.remote_code import make_loadable_by_path
 from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_writable_dir

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hub import T2RError
+from ..errors import T2RError
 
 FUSED_CHOICES = ("auto", "liger", "chunked", "off")
 

@@ -6,18 +6,16 @@ import warnings
 
 import torch
 
-from ..hub import T2RError
-from ..models.modeling_t2r import T2RPreTrainedModel, causal_lm_loss, next_token_targets
+from ..errors import T2RError
+from ..models.modeling_t2r import T2RPreTrainedModel, causal_lm_loss, gsa_new_module, next_token_targets
 from .config import AttentionTransferStage, FinetuneStage, LoraConfig, ModelConfig
 from .losses import kl_sum, next_token_losses
-
-GSA_MODULES = T2RPreTrainedModel.gsa_new_modules
 
 
 def gsa_modules_present(model) -> list[str]:
     """The new GSA modules this model has that hold parameters (what LoRA runs save in full)."""
-    present = {n.split(".self_attn.")[1].split(".")[0] for n, _ in model.named_parameters() if ".self_attn." in n}
-    return [m for m in GSA_MODULES if m in present]
+    present = {gsa_new_module(n) for n, _ in model.named_parameters()}
+    return [m for m in T2RPreTrainedModel.gsa_new_modules if m in present]
 
 
 def load_model(cfg: ModelConfig, log=print):
@@ -68,7 +66,7 @@ def add_lora(model, lora: LoraConfig):
 
 
 def _is_gsa_param(name: str) -> bool:
-    return any(f".{m}." in name for m in GSA_MODULES) and ".original_module." not in name
+    return gsa_new_module(name) is not None and ".original_module." not in name
 
 
 def stage_parameters(model, stage) -> list[str]:

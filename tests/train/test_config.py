@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from t2r.hub import T2RError
+from t2r.errors import T2RError
 from t2r.train.config import FinetuneStage, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from t2r.hub import T2RError
+from t2r.errors import T2RError
 from t2r.tiny import byte_level_tokenizer
 from t2r.train.config import DataConfig
 from t2r.train.data import RowOrder, collate, load_documents, load_sources, packed_rows, tokenize_and_pack

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2r.hub import T2RError
+from t2r.errors import T2RError
 from t2r.train.config import FinetuneStage, RunConfig
 from t2r.train.losses import next_token_losses, resolve_fused
 from t2r.train.stages import add_lora, set_trainable, stage_loss_sum
