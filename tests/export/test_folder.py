@@ -18,7 +18,7 @@ from t2r import T2RForCausalLM
 from t2r.cli import main
 from t2r.export import remote_code
 from tests.kernels.gsa_inputs import rel_err
-from tests.test_export_fixtures import IDS, make_run, no_t2r_site, run_without_t2r, save_converted
+from tests.export.fixtures import IDS, make_run, no_t2r_site, run_without_t2r, save_converted
 
 REMOTE = """
 import importlib.util, json, os, sys

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from t2r import T2RForCausalLM
 from t2r.cli import main
 from tests.kernels.gsa_inputs import rel_err
-from tests.test_export_fixtures import IDS, make_run, save_converted
+from tests.export.fixtures import IDS, make_run, save_converted
 
 
 def _export(*args):

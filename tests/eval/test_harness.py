@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from t2r.cli import main
 from t2r.eval.harness import PRESETS, split_tasks
 from t2r.tiny import tiny_teacher
-from tests.lm_eval_task import multiple_choice_task
+from tests.eval.lm_eval_task import multiple_choice_task
 
 QUESTIONS = [("The sky is", ["blue", "loud", "salty"], 0), ("Two plus two is", ["four", "green"], 0),
              ("Fish live in", ["trees", "the water"], 1), ("Snow is", ["hot", "cold", "purple"], 1),

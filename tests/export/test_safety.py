@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from t2r.cli import main
-from tests.test_export_fixtures import make_run, save_converted
+from tests.export.fixtures import make_run, save_converted
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 
 from t2r.cli import main
 from t2r.tiny import tiny_teacher
-from tests.lm_eval_task import multiple_choice_task
+from tests.eval.lm_eval_task import multiple_choice_task
 
 PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
          "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 4

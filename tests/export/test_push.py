@@ -14,7 +14,7 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoModelForCausalLM
 
 from t2r.cli import main
-from tests.test_export_fixtures import IDS, make_run
+from tests.export.fixtures import IDS, make_run
 
 TOKEN = "hf_SENTINELtoken0123456789abcdefXYZ"
 
