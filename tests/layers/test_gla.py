@@ -159,7 +159,7 @@ def test_converted_folder_loads_without_t2r(tmp_path, mixer):
 
 def test_export_card_names_the_mixer_and_its_state_size(tmp_path):
     from t2r.cli import main
-    from tests.test_export_fixtures import save_converted
+    from tests.export.fixtures import save_converted
 
     save_converted(tmp_path / "c", "llama", mixer="gla")
     assert main(["export", str(tmp_path / "c"), "--out", str(tmp_path / "e")]) == 0
