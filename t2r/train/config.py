@@ -313,6 +313,21 @@ def dump_config(config: RunConfig) -> str:
 # learning rates, evaluation and checkpoint settings may change.
 RESUME_FIXED = ("model", "data", "batch.micro_batch_size", "batch.grad_accum", "seed")
 RESUME_FIXED_PER_STAGE = ("name", "lora")
+# inside those, what changes neither the rows nor the weights' meaning: free to change on resume
+RESUME_FREE = ("model.gradient_checkpointing", "data.num_proc", "data.cache_dir")
+
+
+def _first_difference(a, b, key: str) -> str | None:
+    """The dotted key of the first leaf where ``a`` and ``b`` differ (``key`` itself for a leaf), or None."""
+    if key in RESUME_FREE:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(k), b.get(k), f"{key}.{k}")
+            if found:
+                return found
+        return None
+    return None if a == b else key
 
 
 def resume_mismatch(saved: dict, config: RunConfig) -> str | None:
@@ -325,13 +340,15 @@ def resume_mismatch(saved: dict, config: RunConfig) -> str | None:
         return tree
 
     for key in RESUME_FIXED:
-        if get(saved, key) != get(now, key):
-            return key
+        found = _first_difference(get(saved, key), get(now, key), key)
+        if found:
+            return found
     if len(saved.get("stages", [])) != len(now["stages"]):
         return "stages (their number)"
     for i, (a, b) in enumerate(zip(saved["stages"], now["stages"])):
         for key in RESUME_FIXED_PER_STAGE:
-            if a.get(key) != b.get(key):
-                return f"stages.{i}.{key}"
+            found = _first_difference(a.get(key), b.get(key), f"stages.{i}.{key}")
+            if found:
+                return found
     return None
 

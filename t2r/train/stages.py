@@ -83,8 +83,8 @@ def stage_parameters(model, stage) -> list[str]:
         if train:
             names.append(name)
     if not names:
-        if isinstance(stage, AttentionTransferStage) and any(".self_attn.q_proj." in n for n, _ in
-                                                             model.named_parameters()):
+        no_gsa = getattr(getattr(model, "config", None), "gsa_layers", None) == []
+        if isinstance(stage, AttentionTransferStage) and not no_gsa:
             raise T2RError("stage attention_transfer has nothing to train: this conversion adds no parameters "
                            "(gate_source: key, or mixer: linear, with a fixed feature map, no output norm and no "
                            "window); drop that stage, or use a learnable feature map (linear, hedgehog), "

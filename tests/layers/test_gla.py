@@ -199,7 +199,7 @@ def test_t2r_convert_mixer_flag(tmp_path, capsys):
 
 
 def test_a_linear_mixer_with_nothing_new_to_train_says_so():
-    from t2r.hub import T2RError
+    from t2r.errors import T2RError
     from t2r.train.config import AttentionTransferStage
     from t2r.train.stages import stage_parameters
 

@@ -4,7 +4,7 @@ conversion added to the teacher, a full finetune everything, a LoRA finetune the
 import pytest
 import torch
 
-from t2r.hub import T2RError
+from t2r.errors import T2RError
 from t2r.train.config import AttentionTransferStage, FinetuneStage
 from t2r.train.data import collate
 from t2r.train.stages import add_lora, set_trainable, stage_loss_sum
@@ -78,8 +78,6 @@ def test_a_transfer_stage_with_nothing_to_train_is_refused_with_the_remedy():
         set_trainable(model, TRANSFER)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a model whose every layer stays softmax gets the gate_source: key "
-                   "message (stage_parameters sees q_proj in the softmax layers), not 'the model has no GSA layers'")
 def test_a_model_without_gsa_layers_is_told_so_for_attention_transfer():
     """softmax_layers listing every layer (config validation refuses only the word 'all') converts
     nothing: the refusal should say so, not suggest gate_source: f_proj, which this model already has."""
