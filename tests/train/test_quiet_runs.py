@@ -73,7 +73,8 @@ def test_gguf_dequantizing_bar_follows_transformers_switch(capsys):
 
 def test_trackers_receive_the_whole_validated_config(tmp_path, monkeypatch):
     from t2r.train.config import load_config
-    from t2r.train.loop import finetune, tracker_config
+    from t2r.train.loop import finetune
+    from t2r.train.tracking import tracker_config
 
     given = []
     real = Accelerator.init_trackers
