@@ -26,6 +26,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from t2r.train.run_folder import RunFolder  # noqa: E402
 CONFIG = ROOT / "configs" / "smollm2-135m-gsa.yaml"
 
 # The reference recipe B: a layer close to the teacher (RoPE kept, a learnable per-head linear map on
@@ -185,9 +188,9 @@ def main() -> int:
             folder.mkdir(exist_ok=True)
             ov = row_overrides(name, args.model, tokens, args.seq_len, args.micro_batch, args.transfer_tokens,
                                cache)
-            eval_cmd = py + ["eval", str(folder / ("model" if kind == "train" else "converted")), "--seq-len",
-                             str(args.seq_len), "--max-rows", str(args.eval_rows), "--branches", "--out",
-                             str(folder / "eval.json")]
+            evaluated = RunFolder(folder).model if kind == "train" else folder / "converted"
+            eval_cmd = py + ["eval", str(evaluated), "--seq-len", str(args.seq_len), "--max-rows",
+                             str(args.eval_rows), "--branches", "--out", str(folder / "eval.json")]
             if kind == "train":
                 train = py + ["finetune", str(CONFIG), "--output-dir", str(folder)] + [a for s in ov for a in
                                                                                         ("--set", s)]
@@ -236,10 +239,9 @@ PROMPTS = ["What is the capital of France?", "def fibonacci(n):",
 
 
 def gen_samples(py, out: Path, name: str, gpu: str) -> None:
-    folder = out / name
-    if not (folder / "model").is_dir():
+    model = RunFolder(out / name).model
+    if not model.is_dir():
         return
-    model = folder / "model"
     texts = []
     for prompt in PROMPTS:
         r = subprocess.run(py + ["generate", str(model), "--prompt", prompt, "--max-new-tokens", "48"],
@@ -260,7 +262,7 @@ def summarize(out: Path, rows: list, untrained: list) -> str:
     for kind, (name, _, label) in [("train", r) for r in rows] + [("untrained", r) for r in untrained]:
         folder = out / (label if kind == "train" else f"untrained-{label}")
         ev = folder / "eval.json"
-        summary = folder / "run_summary.json"
+        summary = RunFolder(folder).summary
         if not ev.is_file():
             lines.append(f"| {label if kind == 'train' else label + ' (untrained)'} | {ROWS[name][0]} | "
                          "did not finish | | | | | | |")

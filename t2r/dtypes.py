@@ -16,6 +16,11 @@ def torch_dtype(name: str):
     return getattr(torch, _TORCH_NAMES[name])
 
 
+def short_name(torch_name: str | None) -> str:
+    """The short name of a dtype as config.json spells it (``"bfloat16"`` -> ``"bf16"``); fp32 when unknown."""
+    return {v: k for k, v in _TORCH_NAMES.items()}.get(str(torch_name or "").removeprefix("torch."), "fp32")
+
+
 LOADING_HELP = "weights' dtype (auto: as saved on cuda, fp32 on cpu)"  # --dtype of the commands that load a model
 
 

@@ -14,6 +14,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, filter_repo_object
 from transformers.utils import logging as hf_logging
 
 from t2r.cli import main
+from t2r.train.run_folder import RunFolder
 
 REAL_SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download
 REPO = "my-org/tiny-gsa"
@@ -111,9 +112,9 @@ def test_finetune_from_the_hub_id_of_a_converted_model(hub, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["finetune", str(tmp_path / "run.yaml")]) == 0
     assert f"loaded converted model {REPO}" in capsys.readouterr().out
-    trained = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    trained = json.loads((RunFolder(tmp_path / "run").model / "config.json").read_text())
     assert trained["num_slots"] == 8 and trained["gsa_layers"] == [0, 2, 3]  # the Hub model, finetuned
-    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["base_model"] == REPO
+    assert json.loads(RunFolder(tmp_path / "run").summary.read_text())["base_model"] == REPO
 
 
 def test_export_from_a_hub_id_writes_a_loadable_export(hub, tmp_path, capsys):

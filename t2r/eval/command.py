@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..dtypes import DTYPE_CHOICES, LOADING_HELP
 from ..errors import T2RError
+from ..train.run_folder import RunFolder
 
 CORPUS_NAMES = ("python-stdlib", "english-prose")
 
@@ -31,8 +32,9 @@ def load_model_any(source: str, device, dtype: str = "auto", teacher: bool = Fal
     from ..hub import converted_folder, resolve_model
 
     path = Path(source).expanduser()
-    if (path / "run_summary.json").is_file() and (path / "model").is_dir():
-        path = path / "model"
+    run = RunFolder(path)
+    if run.summary.is_file() and run.model.is_dir():
+        path = run.model
     torch_dtype = loading_dtype(dtype, device)
     folder = None if teacher else converted_folder(path)  # a t2r folder, or the Hub id of one (downloaded)
     if folder is not None:

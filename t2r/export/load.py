@@ -13,6 +13,7 @@ import torch
 
 from ..errors import T2RError
 from ..hub import PICKLE_SUFFIXES, converted_folder, hub_repo
+from ..train import run_folder
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -64,11 +65,11 @@ def _find_summary(path: Path, kind: str) -> Path | None:
     """run_summary.json of the run a folder belongs to: in it, beside a run's model/, or two levels
     above a checkpoint (OUTPUT/checkpoints/step-N). Not for OUTPUT/base: the summary describes the
     finetuned model, not the one finetuning started from."""
-    candidates = [path / "run_summary.json"]
+    candidates = [path / run_folder.SUMMARY]
     if kind == "checkpoint":
-        candidates.append(path.parent.parent / "run_summary.json")
-    if path.name == "model":
-        candidates.append(path.parent / "run_summary.json")
+        candidates.append(path.parent.parent / run_folder.SUMMARY)
+    if path.name == run_folder.MODEL:
+        candidates.append(path.parent / run_folder.SUMMARY)
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -87,13 +88,14 @@ def inspect_source(source: str | Path) -> Source:
         raise T2RError(f"{path} does not exist; {SOURCE_HELP}")
     if not path.is_dir():
         raise T2RError(f"{path} is a file, not a folder; {SOURCE_HELP}")
-    if (path / "model").is_dir() or (path / "adapter").is_dir():
-        kind = "checkpoint" if path.parent.name == "checkpoints" else "run"
+    if (path / run_folder.MODEL).is_dir() or (path / run_folder.ADAPTER).is_dir():
+        kind = "checkpoint" if run_folder.is_checkpoint(path) else "run"
         src = Source(path, kind)
-        for name in ("model", "base", "adapter"):
+        for field, name in (("model_dir", run_folder.MODEL), ("base_dir", run_folder.BASE),
+                            ("adapter_dir", run_folder.ADAPTER)):
             if (path / name).is_dir():
-                setattr(src, f"{name}_dir", path / name)
-        run_base = path.parent.parent / "base"
+                setattr(src, field, path / name)
+        run_base = run_folder.RunFolder(path.parent.parent).base
         if kind == "checkpoint" and src.base_dir is None and run_base.is_dir():
             src.base_dir = run_base  # a checkpoint's adapter goes on its run's converted model
         if src.adapter_dir is not None and src.base_dir is None and src.model_dir is None:
@@ -112,11 +114,11 @@ def inspect_source(source: str | Path) -> Source:
             return Source(path, "adapter-export", adapter_dir=path)
         raise T2RError(f"{path} is a LoRA adapter folder; pass the run output (or checkpoint) that holds it next "
                        f"to base/ (e.g. {path.parent}), so the export knows which model it goes on")
-    elif path.name == "checkpoints" and any(path.glob("step-*")):
-        latest = sorted(p.name for p in path.glob("step-*") if p.is_dir())[-1]
+    elif path.name == run_folder.CHECKPOINTS and run_folder.checkpoint_folders(path):
+        latest = run_folder.checkpoint_folders(path)[-1].name
         raise T2RError(f"{path} holds several checkpoints; pass one of them (e.g. {path / latest}) or the run output "
                        f"({path.parent})")
-    elif (path / "trainer_state.json").is_file():
+    elif (path / run_folder.TRAINER_STATE).is_file():
         raise T2RError(f"{path} holds only training state (trainer_state.json), no model/ folder to export; export "
                        "the run's output folder once the run has finished (or a checkpoint that has model/)")
     else:

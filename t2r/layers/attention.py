@@ -11,6 +11,21 @@ from torch import nn
 from .rotary import apply_rotary
 
 
+class TransferErrors:
+    """Attention transfer's errors of one forward: each GSA layer's per-token mean squared error
+    [B, T] of its output against the teacher's softmax attention."""
+
+    def __init__(self):
+        self._by_layer: dict[int, torch.Tensor] = {}
+
+    def add(self, layer_idx: int, error: torch.Tensor) -> None:
+        self._by_layer[layer_idx] = error
+
+    def stacked(self) -> torch.Tensor:
+        """[GSA layers, B, T], in layer order."""
+        return torch.stack([self._by_layer[i] for i in sorted(self._by_layer)])
+
+
 @dataclass
 class AttentionContext:
     """Built once per model forward and read by every attention layer.
@@ -23,6 +38,8 @@ class AttentionContext:
     positions:  [B, T] index of each token in the sequence the layers see (its document, when
                 packed; real tokens only, when left-padded), whatever position ids the caller gave
                 RoPE: the window hybrid counts the tokens older than its window with it.
+    transfer:   attention transfer (None: an ordinary forward): every GSA layer passes the
+                teacher's output on and adds its error to this collector.
     """
 
     cos: torch.Tensor
@@ -31,6 +48,7 @@ class AttentionContext:
     cu_seqlens: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    transfer: TransferErrors | None = None
 
     def token_mask(self, T: int) -> torch.Tensor | None:
         """[B, T] bool for this forward's own tokens (None: all real)."""

@@ -90,8 +90,6 @@ class GatedSlotAttention(SoftmaxAttention):
         self.window_mix = HeadScalars(self.num_heads) if self.window_size else None
         self.backend = None if config.gsa_backend == "auto" else config.gsa_backend
         self.as_teacher = False  # run the teacher's softmax attention instead
-        self.transfer = False  # attention transfer (see transfer_forward)
-        self.transfer_error: torch.Tensor | None = None
         self.branches = {"window": True, "gsa": True}  # inference ablation of a windowed layer
 
     @torch.no_grad()
@@ -200,16 +198,16 @@ class GatedSlotAttention(SoftmaxAttention):
 
     def transfer_forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Attention transfer: return the teacher's output (so the next layer sees the teacher's
-        hidden states) and keep this layer's per-token squared error [B, T] in ``transfer_error``."""
+        hidden states) and add this layer's per-token squared error [B, T] to ``ctx.transfer``."""
         with torch.no_grad():
             teacher = self.softmax_forward(x, ctx)
         student = self.gsa_forward(x.detach(), ctx)
-        self.transfer_error = (student.float() - teacher.float()).pow(2).mean(-1)
+        ctx.transfer.add(self.layer_idx, (student.float() - teacher.float()).pow(2).mean(-1))
         return teacher
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
         if self.as_teacher:
             return self.softmax_forward(x, ctx, cache)
-        if self.transfer:
+        if ctx.transfer is not None:
             return self.transfer_forward(x, ctx)
         return self.gsa_forward(x, ctx, cache)

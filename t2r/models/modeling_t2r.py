@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from t2r.layers.attention import AttentionContext, SoftmaxAttention
+from t2r.layers.attention import AttentionContext, SoftmaxAttention, TransferErrors
 from t2r.layers.gla import GatedLinearAttention
 from t2r.layers.gsa import GatedSlotAttention
 from t2r.layers.norm import RMSNorm
@@ -280,11 +280,14 @@ class T2RModel(T2RPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, *, cache=None,
                 cu_seqlens=None, output_attentions=None, cache_position=None, cu_seq_lens_q=None,
-                cu_seq_lens_k=None, max_length_q=None, max_length_k=None, seq_idx=None):
+                cu_seq_lens_k=None, max_length_q=None, max_length_k=None, seq_idx=None,
+                transfer_errors: TransferErrors | None = None):
         """The decoder without its LM head: ``last_hidden_state`` (after the final norm), the cache
         (``use_cache``, default: the config's, outside training; never for packed documents) and, with
         ``output_hidden_states``, the embeddings and every layer's output. The arguments are those of
-        ``T2RForCausalLM.forward``; an unknown one is refused (TypeError naming it)."""
+        ``T2RForCausalLM.forward``; an unknown one is refused (TypeError naming it). With
+        ``transfer_errors``, attention transfer: every GSA layer passes the teacher's output on and adds
+        its error to that collector."""
         _refuse_attention_weights(output_attentions)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -300,6 +303,7 @@ class T2RModel(T2RPreTrainedModel):
         if use_cache and cache is None and cu_seqlens is None:
             cache = T2RCache(self.config.num_hidden_layers)
         ctx = self.context(h, attention_mask, position_ids, cu_seqlens, past)
+        ctx.transfer = transfer_errors
         hidden = [h] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -413,21 +417,17 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         return inputs
 
     def _attention_transfer(self, input_ids, attention_mask, position_ids, cu_seqlens):
-        layers = [m for m in self.modules() if isinstance(m, GatedSlotAttention)]
+        collected = TransferErrors()
         checkpointing = self.model.gradient_checkpointing
         # No activation checkpointing here: the trunk keeps no graph (the teacher's hidden states
-        # flow on), and a recompute in backward would run outside transfer mode.
+        # flow on), so it would save nothing, and the errors leave each layer beside its output.
         self.model.gradient_checkpointing = False
-        for m in layers:
-            m.transfer = True
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, cu_seqlens=cu_seqlens)
-            errors = torch.stack([m.transfer_error for m in layers])  # [layers, B, T]
+                       use_cache=False, cu_seqlens=cu_seqlens, transfer_errors=collected)
         finally:
             self.model.gradient_checkpointing = checkpointing
-            for m in layers:
-                m.transfer, m.transfer_error = False, None
+        errors = collected.stacked()  # [layers, B, T]
         if attention_mask is not None:
             errors = errors * attention_mask[None, :, -errors.shape[-1]:].to(errors.dtype)
         return TransferOutput(loss=errors.sum(), layer_errors=errors.sum((1, 2)))

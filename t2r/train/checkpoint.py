@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import T2RError
+from .run_folder import ACCELERATE_STATE, LATEST, TRAINER_STATE, RunFolder, checkpoint_folders, checkpoint_name
 
 
 @dataclass
@@ -48,19 +49,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return RunFolder(output_dir).checkpoints
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     root = checkpoints_dir(output_dir)
-    pointer = root / "latest"
+    pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if (candidate / "trainer_state.json").is_file():
+        if (candidate / TRAINER_STATE).is_file():
             return candidate
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "trainer_state.json").is_file())
+    done = [p for p in checkpoint_folders(root) if (p / TRAINER_STATE).is_file()]
     return done[-1] if done else None
 
 
@@ -72,8 +72,8 @@ def checkpoint_damage(folder: Path) -> str | None:
     try:
         read_trainer_state(folder)
     except (OSError, ValueError, TypeError, T2RError) as e:
-        return f"trainer_state.json does not read ({e})"
-    for f in sorted((folder / "accelerate").rglob("*")):
+        return f"{TRAINER_STATE} does not read ({e})"
+    for f in sorted((folder / ACCELERATE_STATE).rglob("*")):
         if not f.is_file():
             continue
         if f.stat().st_size == 0:
@@ -91,8 +91,7 @@ def intact_checkpoint(output_dir: Path, log=print) -> Path | None:
     """The newest checkpoint that reads; a damaged newer one is named and skipped."""
     root = checkpoints_dir(output_dir)
     newest = latest_checkpoint(output_dir)
-    candidates = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                         and (newest is None or p.name <= newest.name)), reverse=True)
+    candidates = [p for p in reversed(checkpoint_folders(root)) if newest is None or p.name <= newest.name]
     for folder in candidates:
         damage = checkpoint_damage(folder)
         if damage is None:
@@ -126,7 +125,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_las
     fails; the previous checkpoint is then untouched.
     """
     root = checkpoints_dir(output_dir)
-    name = f"step-{state.step:07d}"
+    name = checkpoint_name(state.step)
     final, tmp = root / name, root / f"{name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,11 +133,11 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_las
     accelerator.wait_for_everyone()
     try:
         with _tied_weights_quiet():
-            accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+            accelerator.save_state(str(tmp / ACCELERATE_STATE), safe_serialization=True)
         if accelerator.is_main_process:
             if extra is not None:
                 extra(tmp)
-            _write_atomic(tmp / "trainer_state.json", state.to_json())
+            _write_atomic(tmp / TRAINER_STATE, state.to_json())
     except OSError:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -147,8 +146,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_las
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", name)
-        done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        _write_atomic(root / LATEST, name)
+        done = checkpoint_folders(root)
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -156,7 +155,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainerState, keep_las
 
 
 def read_trainer_state(folder: Path) -> TrainerState:
-    state_file = folder / "trainer_state.json"
+    state_file = folder / TRAINER_STATE
     if not state_file.is_file():
-        raise T2RError(f"{folder} is not a complete checkpoint (no trainer_state.json)")
+        raise T2RError(f"{folder} is not a complete checkpoint (no {TRAINER_STATE})")
     return TrainerState.from_json(state_file.read_text())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import T2RError
 from ..paths import pid_alive
+from .run_folder import RunFolder
 
 
 @contextlib.contextmanager
@@ -20,7 +21,7 @@ def run_lock(out: Path, enabled: bool = True):
     if not enabled:
         yield
         return
-    lock = Path(out) / ".lock"
+    lock = RunFolder(out).lock
     try:
         holder = int(lock.read_text().strip() or 0)
     except (OSError, ValueError):

@@ -1,5 +1,10 @@
 """``t2r finetune``: the training loop (accelerate), stage by stage, resumable at any step.
 
+The run, top to bottom (``Run.run``): set up (data, model, optimizer), evaluate the starting point,
+then for each stage, for each optimizer step: ``train_step``, then log / evaluate / checkpoint as
+configured; then write OUTPUT/model (and adapter/) and run_summary.json. What goes where in OUTPUT is
+``run_folder``'s; dtypes and FSDP are ``precision``'s; metrics and trackers are ``tracking``'s.
+
 Losses are sums over tokens divided by the token count of the whole global batch (every
 process, every accumulation micro-step), so 1 process and N processes at the same global
 batch compute the same loss and the same update.
@@ -9,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import signal
 import time
 import warnings
@@ -22,16 +25,17 @@ import yaml
 
 from ..errors import T2RError
 from ..hub import ALIAS_LICENSES
-from ..export.remote_code import make_loadable_by_path
-from ..models.modeling_t2r import keeps_fp32
 from ..paths import check_writable_dir
 from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_sources, map_bars, packed_rows
 from .lock import run_lock
 from .losses import resolve_fused
-from .stages import (add_lora, count_targets, frozen_teacher, load_model, run_lora_config, set_trainable,
-                     stage_loss_sum, stage_parameters)
+from .model_folders import link_checkpoint_model, merged_from_folders, save_adapter, save_model_folder
+from .precision import Precision, mixed_precision
+from .run_folder import ACCELERATE_STATE, ADAPTER, MODEL, RunFolder
+from .stages import add_lora, count_targets, frozen_teacher, load_model, run_lora_config, stage_loss_sum
+from .tracking import MetricsFile, tracker_config, trackers
 
 
 class RunStopped(T2RError):
@@ -54,68 +58,6 @@ def learning_rate(stage, step: int) -> float:
     return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * shape)
 
 
-def tracker_config(config: RunConfig, out: Path) -> dict:
-    """The whole validated run config for the trackers (wandb's run config, TensorBoard's hparams), flattened to
-    dotted keys of scalar values (``stages.1.lora.rank``), which is all TensorBoard takes; empty lists and dicts
-    as "[]" / "{}". With the run's output folder and total step count."""
-    flat = {}
-
-    def walk(key, value):
-        if isinstance(value, (dict, list)) and value:
-            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
-                walk(f"{key}.{k}" if key else str(k), v)
-        else:
-            flat[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-
-    walk("", config.model_dump(mode="json"))
-    return {**flat, "output_dir": str(out), "total_steps": config.total_steps}
-
-
-def _use_wandb(config: RunConfig) -> bool:
-    choice = config.logging.wandb
-    if choice != "auto":
-        return choice
-    import importlib.util
-
-    return importlib.util.find_spec("wandb") is not None and bool(
-        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
-
-
-def _use_tensorboard(config: RunConfig, log) -> bool:
-    """TensorBoard logs when asked for and installed; when asked for and missing, say so (the run goes on,
-    with metrics.jsonl)."""
-    import importlib.util
-
-    if not config.logging.tensorboard:
-        return False
-    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            log("warning: logging.tensorboard is on but tensorboard is not installed (pip install tensorboard, or "
-                "t2r[tensorboard]); logging to OUTPUT/metrics.jsonl only. Set logging.tensorboard: false to silence this")
-        return False
-    return True
-
-
-def _weights_dtype(config: RunConfig) -> str:
-    """The dtype the model's weights will have: the conversion's, or a converted folder's."""
-    folder_config = Path(config.model.source).expanduser() / "config.json"
-    if folder_config.is_file():
-        saved = json.loads(folder_config.read_text())
-        return {"bfloat16": "bf16", "float16": "fp16"}.get(saved.get("dtype") or saved.get("torch_dtype"), "fp32")
-    return config.model.conversion.dtype
-
-
-def _precision(config: RunConfig) -> str:
-    """accelerate's mixed_precision. auto: bf16 on GPUs that have it, else the weights' own half
-    dtype (frozen half weights meet fp32 trainable ones only under autocast), else fp32."""
-    choice = config.precision
-    if choice == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return {"bf16": "bf16", "fp16": "fp16"}.get(_weights_dtype(config), "no")
-    return {"fp32": "no"}.get(choice, choice)
-
-
 class Run:
     def __init__(self, config: RunConfig, resume: bool = False, log=print):
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -123,44 +65,132 @@ class Run:
 
         self.config, self.log = config, log
         self.out = Path(config.output_dir)
+        self.folder = RunFolder(self.out)
         check_writable_dir(self.out, "--output-dir")
-        latest = latest_checkpoint(self.out)
-        if latest is not None and not resume:
-            raise T2RError(f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
-                           "or choose another --output-dir")
-        if resume and latest is not None:
-            latest = intact_checkpoint(self.out, log)
-            if latest is None:
-                raise T2RError(f"cannot resume {self.out}: every checkpoint in it is damaged (see the warnings); "
-                               "start again in a new --output-dir")
-        if resume and latest is None:
-            raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
-        trackers = (["tensorboard"] if _use_tensorboard(config, log) else []) + (["wandb"] if _use_wandb(config) else [])
+        self.resumed_from = self._checkpoint_to_resume(resume)
         self.accelerator = Accelerator(
             # without CUDA, processes started by `accelerate launch` (torchrun) join over gloo on the CPU
             cpu=not torch.cuda.is_available(),
-            mixed_precision=_precision(config), log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            mixed_precision=mixed_precision(config), log_with=trackers(config, log) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.folder.logs)),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=len(config.stages) > 1)],
         )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise T2RError("t2r finetune does not run under DeepSpeed yet (it builds one optimizer per stage); "
                            "use DDP or FSDP in your accelerate config")
         set_seed(config.seed)
+        self.precision = Precision(self.accelerator)
         # which loss path (loss.fused) runs here; a 'liger' that cannot run fails now, before any work
-        self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device, self._fsdp())
-        self.state = read_trainer_state(latest) if latest is not None else TrainerState()
-        self.resumed_from = latest
+        self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device,
+                                                    self.precision.sharded)
+        self.state = read_trainer_state(self.resumed_from) if self.resumed_from is not None else TrainerState()
+        self.metrics = MetricsFile(self.folder.metrics)
         self._stop_signal = 0
 
-    # -- setup ------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        latest = latest_checkpoint(self.out)
+        if latest is not None and not resume:
+            raise T2RError(f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to continue it "
+                           "or choose another --output-dir")
+        if resume and latest is not None:
+            latest = intact_checkpoint(self.out, self.log)
+            if latest is None:
+                raise T2RError(f"cannot resume {self.out}: every checkpoint in it is damaged (see the warnings); "
+                               "start again in a new --output-dir")
+        if resume and latest is None:
+            raise T2RError(f"nothing to resume: {self.out} has no complete checkpoint")
+        return latest
+
     def _main_log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             self.log(msg)
 
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> Path:
+        with run_lock(self.out, enabled=self.accelerator.is_main_process):
+            return self._run()
+
+    def _run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        if self.resumed_from is None and acc.is_main_process:
+            # a fresh run (no checkpoint here): nothing of an earlier attempt's logs carries over
+            for stale in (self.folder.metrics, self.folder.summary):
+                stale.unlink(missing_ok=True)
+        self.setup()
+        if self.resumed_from is None:
+            if cfg.eval.teacher:
+                self.evaluate("teacher_ppl", teacher=True)
+            if cfg.eval.before:
+                self.evaluate("converted_ppl_before")
+        else:
+            if acc.is_main_process:
+                self.metrics.trim(self.state.step)  # the steps the checkpoint does not hold are done again
+            self._main_log(f"resuming from {self.resumed_from.name} (step {self.state.step})")
+        previous = self._signals()
+        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not (acc.is_main_process and
+                   cfg.logging.progress_bar), desc="t2r finetune", dynamic_ncols=True)
+        try:
+            while self.state.stage < len(cfg.stages):
+                self._run_stage(cfg.stages[self.state.stage], bar)
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.evaluate("ppl_after")
+        self.finish()
+        acc.end_training()
+        return self.out
+
+    def _run_stage(self, stage, bar) -> None:
+        cfg = self.config
+        self._enter_stage(stage)
+        while self.state.stage_step < stage.steps:
+            started, tokens_before = time.time(), self.state.tokens_seen
+            stats = self.train_step(stage, self.optimizer)
+            bar.update(1)
+            self._log_step(stats, stage, self.state.tokens_seen - tokens_before, time.time() - started, bar)
+            if self.state.step % cfg.eval.every_steps == 0 and self.state.stage_step < stage.steps:
+                self.evaluate(f"ppl_step_{self.state.step}")
+            if self.state.step % cfg.checkpoint.every_steps == 0:
+                self._checkpoint()
+            if self._should_stop():
+                self._checkpoint()
+                raise RunStopped(f"stopped by signal at step {self.state.step}; continue with --resume "
+                                 f"(t2r finetune CONFIG --output-dir {self.out} --resume)", exit_code=130)
+        if isinstance(stage, AttentionTransferStage):
+            self.transfer_report("transfer_error_after")
+        self.state.stage_summaries.append({"name": stage.name, "steps": stage.steps,
+                                           "tokens": self.state.tokens_seen - self.state.stage_start_tokens,
+                                           "lora": self.lora.model_dump() if self.lora and stage.name ==
+                                           "finetune" and stage.lora else None})
+        self.state.stage += 1
+        self.state.stage_step = 0
+
+    def _enter_stage(self, stage) -> None:
+        """Train this stage's parameters; restore the checkpoint being resumed, or start the stage
+        afresh (new optimizer moments; for attention transfer, the error before it)."""
+        acc = self.accelerator
+        self.precision.enter_stage(self.model, stage)
+        if self.resumed_from is not None:
+            try:
+                acc.load_state(str(self.resumed_from / ACCELERATE_STATE))
+            except (ValueError, KeyError) as e:  # e.g. an optimizer layout from another t2r version
+                raise T2RError(f"cannot resume from {self.resumed_from}: its training state does not match "
+                               f"this run ({e}); resume with the t2r version and config that wrote it, or "
+                               "start again in a new --output-dir") from e
+            self.resumed_from = None
+        else:
+            self.state.stage_start_tokens = self.state.tokens_seen
+            self.optimizer.optimizer.state.clear()  # fresh moments for this stage
+            if isinstance(stage, AttentionTransferStage) and "transfer_error_before" not in self.state.evals:
+                self.transfer_report("transfer_error_before")
+
+    # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
         acc, cfg = self.accelerator, self.config
-        saved = self.out / "config.yaml"
+        saved = self.folder.config
         if self.resumed_from is not None and saved.is_file():
             changed = resume_mismatch(yaml.safe_load(saved.read_text()) or {}, cfg)
             if changed:
@@ -173,7 +203,7 @@ class Run:
         if acc.is_main_process:
             saved.write_text(dump_config(cfg))
         with acc.main_process_first(), map_bars(cfg.logging.progress_bar):
-            cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
+            cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.folder.cache
             train_rows, eval_rows = packed_rows(sources, self.tokenizer, cache, cfg.seed)
             self.order = RowOrder(train_rows, cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
@@ -188,19 +218,9 @@ class Run:
         self.teacher = frozen_teacher(model).to(acc.device) if full_kl else None
         if self.lora is not None:
             if acc.is_main_process and self.resumed_from is None:
-                self._save_folder(model, self.out / "base")  # what the adapter goes on top of
+                save_model_folder(model, self.tokenizer, self.folder.base)  # what the adapter goes on top of
             model = add_lora(model, self.lora)
-        # Whatever any stage trains is trainable when wrapped (DDP registers it) and kept in fp32
-        # whatever the base dtype; each stage then freezes what it does not train.
-        trained = set().union(*(set_trainable(model, stage) for stage in cfg.stages))
-        # FSDP gathers and reduces each layer's parameters as one group of one dtype: all fp32
-        # there (sharded master weights; accelerate's mixed precision computes in bf16).
-        sharded = self._fsdp()
-        self.weights_dtype = model.get_input_embeddings().weight.dtype  # what OUTPUT/model is saved in
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in trained)
-            if (name in trained or sharded) and p.dtype in (torch.bfloat16, torch.float16):
-                p.data = p.data.float()
+        self.precision.prepare_parameters(model, cfg.stages)
         if cfg.model.gradient_checkpointing:
             with warnings.catch_warnings():  # newer transformers renamed it (activation_checkpointing_enable), not
                 # in all the versions t2r supports: the old name, without its FutureWarning at every run
@@ -209,23 +229,13 @@ class Run:
         model.train()
         # One optimizer for the whole run, prepared together with the model (FSDP2 needs both at
         # once). A stage's frozen parameters get no gradient, so AdamW leaves them alone, and each
-        # stage starts from fresh moments (_run_stages): the same updates as one optimizer per stage.
+        # stage starts from fresh moments (_enter_stage): the same updates as one optimizer per stage.
         o = cfg.optimizer
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.stages[0].lr,
                                       betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if acc.log_with:
             acc.init_trackers("t2r", config=tracker_config(cfg, self.out))
-
-    def _save_folder(self, model, folder: Path, state_dict=None) -> None:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state_dict)
-        _plain_architectures(tmp / "config.json")
-        self.tokenizer.save_pretrained(tmp)
-        make_loadable_by_path(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
 
     # -- one optimizer step -----------------------------------------------------------------------
     def _my_batches(self) -> list[dict]:
@@ -245,17 +255,12 @@ class Run:
         global_tokens = acc.reduce(counts, reduction="sum")
         scale = acc.num_processes / global_tokens.clamp_min(1)
         totals: dict[str, torch.Tensor] = {}
-        unsharded = self._unsharded_through_backward() if isinstance(stage, AttentionTransferStage) \
-            else contextlib.nullcontext()
-        with unsharded:
+        with self.precision.backward_scope(self.model, stage):
             self._accumulate(batches, stage, scale, totals)
         stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
         if not math.isfinite(stats["loss"]):
             raise RunStopped(self._nonfinite_message(stats["loss"]), exit_code=3)
-        if self._fsdp():
-            for name, p in acc.unwrap_model(self.model).named_parameters():
-                if name not in self._stage_params:
-                    p.grad = None
+        self.precision.drop_untrained_grads(self.model)
         lr = learning_rate(stage, self.state.stage_step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -290,24 +295,6 @@ class Run:
             for k, v in {"loss": loss_sum.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0) + v.float()
 
-    @contextlib.contextmanager
-    def _unsharded_through_backward(self):
-        """FSDP2 reshards a layer after its forward and gathers it again from a hook on the layer's
-        outputs in backward. In attention transfer no layer output carries a gradient (each layer
-        passes the teacher's hidden states on; the loss hangs off side outputs), so that hook never
-        fires: keep the layers gathered until FSDP's end-of-backward callback reduces their
-        gradients and reshards them. No effect without FSDP2."""
-        mods = [m for m in self.model.modules() if hasattr(m, "set_reshard_after_forward")]
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        restore = bool(getattr(plugin, "reshard_after_forward", True))
-        for m in mods:
-            m.set_reshard_after_forward(False)
-        try:
-            yield
-        finally:
-            for m in mods:
-                m.set_reshard_after_forward(restore)
-
     def _nonfinite_message(self, value, what: str = "loss") -> str:
         latest = latest_checkpoint(self.out)
         where = (f"{what} became {value} at step {self.state.step + 1} (stage "
@@ -318,7 +305,18 @@ class Run:
         return (f"{where}; no checkpoint was written yet, so there is nothing to resume: lower the learning rate "
                 f"or check the data, then start again (delete {self.out} or choose another --output-dir)")
 
-    # -- the run --------------------------------------------------------------------------------
+    # -- after a step: log, evaluate, checkpoint, stop ----------------------------------------------
+    def _log_step(self, stats: dict, stage, step_tokens: int, seconds: float, bar) -> None:
+        if self.accelerator.is_main_process:
+            tps = step_tokens / max(seconds, 1e-9)
+            self.metrics.append({"step": self.state.step, "stage": stage.name,
+                                 **{k: round(v, 6) for k, v in stats.items()},
+                                 "tokens": self.state.tokens_seen, "tokens_per_s": round(tps, 1)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tps:,.0f}", stage=stage.name)
+        if self.state.step % self.config.logging.every_steps == 0:
+            self.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=self.state.step)
+
     def evaluate(self, key: str, teacher: bool = False) -> None:
         from ..eval.perplexity import perplexity
 
@@ -355,44 +353,9 @@ class Run:
         self._main_log(f"attention-transfer error per GSA layer, {key}: mean {per_layer.mean().item():.4g}, "
                        f"max {per_layer.max().item():.4g}")
 
-    def _fsdp(self) -> bool:
-        from accelerate.utils import DistributedType
-
-        return self.accelerator.distributed_type == DistributedType.FSDP
-
-    def _full_state_dict(self):
-        """Under FSDP, the whole model's state dict, gathered on the main process (every process
-        must call this); otherwise None."""
-        return self.accelerator.get_state_dict(self.model) if self._fsdp() else None
-
-    def _in_weights_dtype(self, full: dict) -> dict:
-        """A gathered (fp32) state dict back in the weights' dtype; the output norms stay fp32."""
-        return {k: v if keeps_fp32(k) or not v.is_floating_point() else v.to(self.weights_dtype)
-                for k, v in full.items()}
-
-    def _exportable(self, folder: Path, full=None) -> None:
-        """Make a checkpoint exportable (t2r export): the LoRA adapter (small; its base is OUTPUT/base),
-        or, without LoRA, a model folder whose weights are a hard link to the checkpoint's own (under
-        FSDP, whose checkpoint is sharded, a copy of the gathered weights)."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.lora is not None:
-            model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
-            model.save_pretrained(folder / "adapter", state_dict=full)
-            return
-        if full is not None:
-            self._save_folder(model, folder / "model", state_dict=self._in_weights_dtype(full))
-            return
-        weights = folder / "accelerate" / "model.safetensors"
-        (folder / "model").mkdir()
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(folder / "model")
-        model.generation_config.save_pretrained(folder / "model")
-        self.tokenizer.save_pretrained(folder / "model")
-        os.link(weights, folder / "model" / "model.safetensors")
-
     def _checkpoint(self) -> None:
         try:
-            full = self._full_state_dict()
+            full = self.precision.full_state_dict(self.model)
             path = save_checkpoint(self.accelerator, self.out, self.state, self.config.checkpoint.keep_last,
                                    extra=lambda folder: self._exportable(folder, full))
             self._main_log(f"checkpoint {path.name} saved")
@@ -400,6 +363,18 @@ class Run:
             latest = latest_checkpoint(self.out)
             self._main_log(f"warning: writing the checkpoint at step {self.state.step} failed ({e}); "
                            f"the previous one ({latest.name if latest else 'none'}) is intact; training goes on")
+
+    def _exportable(self, folder: Path, full=None) -> None:
+        """Make a checkpoint exportable (t2r export): the LoRA adapter (small; its base is OUTPUT/base),
+        or, without LoRA, a model folder whose weights are a hard link to the checkpoint's own (under
+        FSDP, whose checkpoint is sharded, a copy of the gathered weights)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.lora is not None:
+            save_adapter(model, self.folder, folder / ADAPTER, state_dict=full)
+        elif full is not None:
+            save_model_folder(model, self.tokenizer, folder / MODEL, state_dict=self.precision.in_weights_dtype(full))
+        else:
+            link_checkpoint_model(model, self.tokenizer, folder)
 
     def _signals(self):
         def handler(signum, frame):
@@ -411,135 +386,30 @@ class Run:
         flag = torch.tensor(float(self._stop_signal), device=self.accelerator.device)
         return self.accelerator.reduce(flag, reduction="max").item() > 0
 
-    def _log_metrics(self, stats: dict, stage, step_tokens: int, seconds: float, bar) -> None:
-        if self.accelerator.is_main_process:
-            tps = step_tokens / max(seconds, 1e-9)
-            record = {"step": self.state.step, "stage": stage.name, **{k: round(v, 6) for k, v in stats.items()},
-                      "tokens": self.state.tokens_seen, "tokens_per_s": round(tps, 1)}
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{tps:,.0f}", stage=stage.name)
-        if self.state.step % self.config.logging.every_steps == 0:
-            self.accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=self.state.step)
-
-    def _trim_metrics(self) -> None:
-        """After a resume, forget the metrics of steps the checkpoint does not hold."""
-        path = self.out / "metrics.jsonl"
-        if self.accelerator.is_main_process and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
-            path.write_text("".join(line + "\n" for line in keep))
-
-    def run(self) -> Path:
-        with run_lock(self.out, enabled=self.accelerator.is_main_process):
-            return self._run()
-
-    def _run(self) -> Path:
-        from tqdm.auto import tqdm
-
-        cfg, acc = self.config, self.accelerator
-        if self.resumed_from is None and acc.is_main_process:
-            # a fresh run (no checkpoint here): nothing of an earlier attempt's logs carries over
-            for stale in ("metrics.jsonl", "run_summary.json"):
-                (self.out / stale).unlink(missing_ok=True)
-        self.setup()
-        if self.resumed_from is None:
-            if cfg.eval.teacher:
-                self.evaluate("teacher_ppl", teacher=True)
-            if cfg.eval.before:
-                self.evaluate("converted_ppl_before")
-        else:
-            self._trim_metrics()
-            self._main_log(f"resuming from {self.resumed_from.name} (step {self.state.step})")
-        previous = self._signals()
-        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not (acc.is_main_process and
-                   cfg.logging.progress_bar), desc="t2r finetune", dynamic_ncols=True)
-        try:
-            self._run_stages(bar)
-        finally:
-            bar.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
-        self.evaluate("ppl_after")
-        self.finish()
-        acc.end_training()
-        return self.out
-
-    def _run_stages(self, bar) -> None:
-        cfg, acc = self.config, self.accelerator
-        while self.state.stage < len(cfg.stages):
-            stage = cfg.stages[self.state.stage]
-            if self._fsdp():
-                # FSDP fixes which parameters take gradients when it first gathers them: every
-                # parameter some stage trains keeps requires_grad, and train_step drops the
-                # gradients of those this stage does not train
-                self._stage_params = set(stage_parameters(acc.unwrap_model(self.model), stage))
-            else:
-                set_trainable(acc.unwrap_model(self.model), stage)
-            if self.resumed_from is not None:
-                try:
-                    acc.load_state(str(self.resumed_from / "accelerate"))
-                except (ValueError, KeyError) as e:  # e.g. an optimizer layout from another t2r version
-                    raise T2RError(f"cannot resume from {self.resumed_from}: its training state does not match "
-                                   f"this run ({e}); resume with the t2r version and config that wrote it, or "
-                                   "start again in a new --output-dir") from e
-                self.resumed_from = None
-            else:
-                self.state.stage_start_tokens = self.state.tokens_seen
-                self.optimizer.optimizer.state.clear()  # fresh moments for this stage
-                if isinstance(stage, AttentionTransferStage) and "transfer_error_before" not in self.state.evals:
-                    self.transfer_report("transfer_error_before")
-            while self.state.stage_step < stage.steps:
-                started, tokens_before = time.time(), self.state.tokens_seen
-                stats = self.train_step(stage, self.optimizer)
-                bar.update(1)
-                self._log_metrics(stats, stage, self.state.tokens_seen - tokens_before, time.time() - started, bar)
-                if self.state.step % cfg.eval.every_steps == 0 and self.state.stage_step < stage.steps:
-                    self.evaluate(f"ppl_step_{self.state.step}")
-                if self.state.step % cfg.checkpoint.every_steps == 0:
-                    self._checkpoint()
-                if self._should_stop():
-                    self._checkpoint()
-                    raise RunStopped(f"stopped by signal at step {self.state.step}; continue with --resume "
-                                     f"(t2r finetune CONFIG --output-dir {self.out} --resume)", exit_code=130)
-            if isinstance(stage, AttentionTransferStage):
-                self.transfer_report("transfer_error_after")
-            self.state.stage_summaries.append({"name": stage.name, "steps": stage.steps,
-                                               "tokens": self.state.tokens_seen - self.state.stage_start_tokens,
-                                               "lora": self.lora.model_dump() if self.lora and stage.name ==
-                                               "finetune" and stage.lora else None})
-            self.state.stage += 1
-            self.state.stage_step = 0
-
-    def _throughput(self) -> dict:
-        """Median training tokens/s of each stage, from metrics.jsonl."""
-        path = self.out / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        return {s.name: _median([r["tokens_per_s"] for r in rows if r["stage"] == s.name][1:])
-                for s in self.config.stages}
-
+    # -- outputs ----------------------------------------------------------------------------------
     def finish(self) -> None:
         """Write OUTPUT/model (merged), OUTPUT/adapter (with LoRA) and OUTPUT/run_summary.json."""
-        acc, cfg = self.accelerator, self.config
+        acc = self.accelerator
         acc.wait_for_everyone()
-        full = self._full_state_dict()
+        full = self.precision.full_state_dict(self.model)
         if not acc.is_main_process:
             return
         model = acc.unwrap_model(self.model)
-        base_dtype = self.weights_dtype  # trained (and under FSDP all) parameters are fp32 by now
         if self.lora is not None:
-            model.peft_config["default"].base_model_name_or_path = str((self.out / "base").resolve())
-            model.save_pretrained(self.out / "adapter", state_dict=full)
-            model = model.merge_and_unload() if full is None else _merged_from_folders(self.out)
+            save_adapter(model, self.folder, self.folder.adapter, state_dict=full)
+            model = model.merge_and_unload() if full is None else merged_from_folders(self.folder)
         if full is not None and self.lora is None:  # FSDP: the gathered weights
-            self._save_folder(model, self.out / "model", state_dict=self._in_weights_dtype(full))
+            save_model_folder(model, self.tokenizer, self.folder.model,
+                              state_dict=self.precision.in_weights_dtype(full))
         else:
-            for name, p in model.named_parameters():  # back to the weights' dtype (the output norms stay fp32)
-                if not keeps_fp32(name) and p.dtype != base_dtype:
-                    p.data = p.data.to(base_dtype)
-            self._save_folder(model, self.out / "model")
-        c = model.config
-        summary = {
+            self.precision.cast_back(model)  # trained (and under FSDP all) parameters are fp32 by now
+            save_model_folder(model, self.tokenizer, self.folder.model)
+        self.folder.summary.write_text(json.dumps(self._summary(model.config), indent=1))
+        self.log(f"done: {self.folder.model} ({self.state.tokens_seen:,} tokens seen)")
+
+    def _summary(self, c) -> dict:
+        cfg = self.config
+        return {
             "base_model": cfg.model.source, "base_model_type": c.base_model_type,
             "conversion": cfg.model.conversion.model_dump(), "gsa_layers": c.gsa_layers,
             "num_hidden_layers": c.num_hidden_layers, "tokens_seen": self.state.tokens_seen,
@@ -553,38 +423,9 @@ class Run:
             "finetune_losses": self.fused,
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if torch.cuda.is_available() else None,
-            "train_tokens_per_s": self._throughput(),
+            "train_tokens_per_s": self.metrics.median_tokens_per_s(s.name for s in cfg.stages),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         }
-        (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
-        self.log(f"done: {self.out / 'model'} ({self.state.tokens_seen:,} tokens seen)")
-
-
-def _plain_architectures(config_file: Path) -> None:
-    """FSDP2 swaps the model's class for an "FSDP<name>" subclass, which save_pretrained records."""
-    if not config_file.is_file():
-        return
-    data = json.loads(config_file.read_text())
-    names = data.get("architectures") or []
-    if any(n.startswith("FSDP") for n in names):
-        data["architectures"] = [n.removeprefix("FSDP") for n in names]
-        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _merged_from_folders(out: Path):
-    """OUTPUT/base with OUTPUT/adapter merged in, loaded on the CPU (the FSDP-sharded model cannot
-    merge in place)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(out / "base", use_safetensors=True)
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
-
-
-def _median(values: list[float]) -> float | None:
-    return sorted(values)[len(values) // 2] if values else None
 
 
 def finetune(config: RunConfig, resume: bool = False, log=print) -> Path:

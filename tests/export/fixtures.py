@@ -16,6 +16,7 @@ import torch
 from t2r.convert import ConversionOptions, convert_model
 from t2r.tiny import tiny_teacher
 from t2r.train.stages import gsa_modules_present
+from t2r.train.run_folder import ACCELERATE_STATE, ADAPTER, BASE, MODEL, TRAINER_STATE, RunFolder
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 IDS = torch.tensor([[5, 77, 180, 33, 2, 250, 91, 14, 66, 120, 7, 201, 45, 99],
@@ -53,7 +54,8 @@ def make_run(root: Path, lora: bool = True, family: str = "llama", checkpoint: b
 
     options = {"softmax_layers": "2", **options}
     root.mkdir(parents=True, exist_ok=True)
-    base = save_converted(root / "base", family, **options)
+    run = RunFolder(root)
+    base = save_converted(run.base, family, **options)
     if lora:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers, about a name peft calls
@@ -67,36 +69,36 @@ def make_run(root: Path, lora: bool = True, family: str = "llama", checkpoint: b
         model.peft_config["default"].base_model_name_or_path = "/gone/old-machine/run/base"  # stale
         with warnings.catch_warnings():  # peft: no config at the stale path, transformers: a deprecated name
             warnings.simplefilter("ignore")
-            model.save_pretrained(root / "adapter")
+            model.save_pretrained(run.adapter)
         with torch.no_grad():
             reference = model(IDS).logits
         merged = model.merge_and_unload()
     else:
         import shutil
 
-        shutil.rmtree(root / "base")
+        shutil.rmtree(run.base)
         merged = base
         with torch.no_grad():
             for name, p in merged.named_parameters():
                 p.add_(0.01 * torch.randn_like(p))
             reference = merged(IDS).logits
         model = merged
-    merged.save_pretrained(root / "model")
-    tiny_teacher(family)[1].save_pretrained(root / "model")
+    merged.save_pretrained(run.model)
+    tiny_teacher(family)[1].save_pretrained(run.model)
     if lora:
-        tiny_teacher(family)[1].save_pretrained(root / "base")
-    (root / "run_summary.json").write_text(json.dumps(summary(lora)))
+        tiny_teacher(family)[1].save_pretrained(run.base)
+    run.summary.write_text(json.dumps(summary(lora)))
     if checkpoint:
         import shutil
 
-        step = root / "checkpoints" / "step-0000300"
+        step = run.checkpoint(300)
         step.mkdir(parents=True)
-        for name in ("model", "base", "adapter"):
+        for name in (MODEL, BASE, ADAPTER):
             if (root / name).is_dir():
                 shutil.copytree(root / name, step / name)
-        (step / "trainer_state.json").write_text(json.dumps({"step": 300}))
-        (step / "accelerate").mkdir()
-        (step / "accelerate" / "optimizer.bin").write_bytes(b"training state: never read by export")
+        (step / TRAINER_STATE).write_text(json.dumps({"step": 300}))
+        (step / ACCELERATE_STATE).mkdir()
+        (step / ACCELERATE_STATE / "optimizer.bin").write_bytes(b"training state: never read by export")
     return root, reference, model
 
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from t2r import T2RForCausalLM
 from t2r.cli import main
+from t2r.train.run_folder import CHECKPOINTS, RunFolder
 from tests.kernels.gsa_inputs import rel_err
 from tests.export.fixtures import IDS, make_run, save_converted
 
@@ -35,7 +36,7 @@ def test_merged_export_gives_the_unmerged_peft_models_logits(run, tmp_path):
     assert "adapter_config.json" not in names and "adapter_model.safetensors" not in names
     assert json.loads((tmp_path / "m" / "t2r_export.json").read_text())["merged_lora"] is True
     # the LoRA delta is really in there: the base alone is far from the finetuned model
-    base = T2RForCausalLM.from_pretrained(root / "base")
+    base = T2RForCausalLM.from_pretrained(RunFolder(root).base)
     with torch.no_grad():
         assert rel_err(base(IDS).logits, reference) > 1e-3
     card = (tmp_path / "m" / "README.md").read_text()
@@ -75,13 +76,13 @@ def test_adapter_only_without_base_id_points_at_the_local_base(run, tmp_path, ca
     root, _, _ = run
     assert _export(root, "--out", tmp_path / "a", "--adapter-only") == 0
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str((root / "base").resolve())
+    assert config["base_model_name_or_path"] == str(RunFolder(root).base.resolve())
     assert "--base-id" in capsys.readouterr().out
 
 
 def test_a_checkpoint_exports_like_a_run_with_the_runs_summary(run, tmp_path):
     root, reference, _ = run
-    step = root / "checkpoints" / "step-0000300"
+    step = RunFolder(root).checkpoint(300)
     assert _export(step, "--out", tmp_path / "c") == 0
     with torch.no_grad():
         assert rel_err(AutoModelForCausalLM.from_pretrained(tmp_path / "c")(IDS).logits, reference) < 1e-5
@@ -106,12 +107,12 @@ def test_an_adapter_from_another_base_is_refused_naming_the_file(run, tmp_path, 
 
     root, _, _ = run
     other = tmp_path / "run"
-    shutil.copytree(root, other, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.rmtree(other / "base")
-    save_converted(other / "base", "llama", softmax_layers="2", num_slots=16)  # not the base it was trained on
+    shutil.copytree(root, other, ignore=shutil.ignore_patterns(CHECKPOINTS))
+    shutil.rmtree(RunFolder(other).base)
+    save_converted(RunFolder(other).base, "llama", softmax_layers="2", num_slots=16)  # not the base it was trained on
     assert _export(other, "--out", tmp_path / "x") == 2
     err = capsys.readouterr().err
-    assert f"{other / 'adapter' / 'adapter_model.safetensors'}: tensor" in err and "f_proj.weight" in err
+    assert f"{RunFolder(other).adapter / 'adapter_model.safetensors'}: tensor" in err and "f_proj.weight" in err
     assert "trained on another base" in err and not (tmp_path / "x").exists()
 
 
@@ -135,13 +136,14 @@ def test_a_real_finetune_run_exports_merged_and_as_adapter(tmp_path):
     assert _export(out, "--out", tmp_path / "m") == 0
     assert _export(out, "--out", tmp_path / "a", "--adapter-only") == 0
     ids = torch.randint(2, 258, (2, 33))
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
-    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), tmp_path / "a")
+    done = RunFolder(out)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(done.base), done.adapter)
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(done.base), tmp_path / "a")
     with torch.no_grad():
         ref = unmerged(ids).logits
         assert rel_err(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, ref) < 1e-5
         assert torch.equal(exported(ids).logits, ref)
-    summary = json.loads((out / "run_summary.json").read_text())
+    summary = json.loads(done.summary.read_text())
     card = (tmp_path / "m" / "README.md").read_text()
     assert f"Tokens seen: **{summary['tokens_seen']:,}**" in card
     assert f"| **this model** | **{summary['eval']['ppl_after']:,.2f}**" in card

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from t2r.cli import main
+from t2r.train.run_folder import TRAINER_STATE, RunFolder
 from tests.export.fixtures import make_run, save_converted
 
 
@@ -103,10 +104,10 @@ def test_sources_that_are_not_t2r_folders_say_what_to_pass(tmp_path, capsys):
     assert "does not exist" in _fails(capsys, tmp_path / "nowhere", tmp_path / "e")
 
     run, _, _ = make_run(tmp_path / "run", lora=True, checkpoint=True)
-    assert "pass the run output" in _fails(capsys, run / "adapter", tmp_path / "e")
-    assert "holds several checkpoints; pass one of them" in _fails(capsys, run / "checkpoints", tmp_path / "e")
-    state_only = run / "checkpoints" / "step-0000400"
+    assert "pass the run output" in _fails(capsys, RunFolder(run).adapter, tmp_path / "e")
+    assert "holds several checkpoints; pass one of them" in _fails(capsys, RunFolder(run).checkpoints, tmp_path / "e")
+    state_only = RunFolder(run).checkpoint(400)
     state_only.mkdir()
-    (state_only / "trainer_state.json").write_text("{}")
+    (state_only / TRAINER_STATE).write_text("{}")
     assert "holds only training state" in _fails(capsys, state_only, tmp_path / "e")
     assert "overlaps SOURCE" in _fails(capsys, run, run / "export")

@@ -174,3 +174,17 @@ def test_attention_transfer_error_per_layer_counts_only_real_tokens():
     assert out.layer_errors.shape == (3,) and torch.allclose(out.layer_errors.sum(), out.loss)
     expected = alone.layer_errors + sum(r.layer_errors for r in rows)
     assert rel_err(out.layer_errors, expected) < 1e-4
+
+
+def test_an_attention_transfer_forward_leaves_the_model_converted():
+    """Attention transfer runs the layers on the teacher's path for that forward only: the next plain
+    forward is the converted model's again, not the teacher's."""
+    _, model, _ = converted("llama", softmax_layers="2")
+    ids = torch.randint(2, 258, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        with model.teacher_mode():
+            teacher = model(ids).logits
+        model(ids, attention_transfer=True)
+        after = model(ids).logits
+    assert torch.equal(after, before) and rel_err(after, teacher) > 1e-3

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from t2r.train.run_folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 ENV = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -24,7 +26,7 @@ def run(cmd, timeout=600, env=None):
 
 
 def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in RunFolder(out).metrics.read_text().splitlines()]
 
 
 def start(cmd, log_path):
@@ -34,7 +36,7 @@ def start(cmd, log_path):
 
 def wait_for_steps(out, n, proc, timeout=300):
     """Block until the run in ``out`` logged ``n`` steps (or fail if it ended first)."""
-    path = Path(out) / "metrics.jsonl"
+    path = RunFolder(out).metrics
     end = time.time() + timeout
     while time.time() < end:
         if path.is_file() and len(path.read_text().splitlines()) >= n:

@@ -102,17 +102,17 @@ def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
 def test_missing_tensorboard_is_said_not_silent(tmp_path, monkeypatch):
     import importlib.util
 
-    from t2r.train import loop
+    from t2r.train import tracking
 
     config = load_config(_write(tmp_path, BASE))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
     said = []
-    assert loop._use_tensorboard(config, said.append) is False
+    assert tracking.use_tensorboard(config, said.append) is False
     assert said and "tensorboard is not installed (pip install tensorboard" in said[0]
     monkeypatch.setattr(importlib.util, "find_spec", real)
-    assert loop._use_tensorboard(config, said.append) is True and len(said) == 1
+    assert tracking.use_tensorboard(config, said.append) is True and len(said) == 1
 
 
 def test_a_converted_folders_own_window_is_checked_against_the_rows(tmp_path):

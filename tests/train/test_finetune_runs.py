@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import t2r  # noqa: F401
 from t2r.train.checkpoint import latest_checkpoint
+from t2r.train.run_folder import ACCELERATE_STATE, LATEST, RunFolder, checkpoint_name
 from tests.kernels.gsa_inputs import rel_err
 from tests.train.runs import ENV, ROOT, finetune_cmd, metrics, run, start, wait_for_steps
 
@@ -33,7 +34,7 @@ def test_run_writes_a_model_an_adapter_and_a_summary(tiny_run):
     assert [m["step"] for m in steps] == list(range(1, 11))
     assert [m["stage"] for m in steps] == ["attention_transfer"] * 4 + ["finetune"] * 6
     assert steps[3]["transfer_mse"] < steps[0]["transfer_mse"]  # attention transfer learns
-    summary = json.loads((out / "run_summary.json").read_text())
+    summary = json.loads(RunFolder(out).summary.read_text())
     ev = summary["eval"]
     assert ev["ppl_after"] < ev["converted_ppl_before"]  # finetuning helps on held-out modules
     assert summary["tokens_seen"] == 10 * 8 * 128 and [s["steps"] for s in summary["stages"]] == [4, 6]
@@ -42,15 +43,16 @@ def test_run_writes_a_model_an_adapter_and_a_summary(tiny_run):
     errors = summary["transfer_error_per_layer"]
     assert len(errors["before"]) == len(errors["after"]) == 3 and sum(errors["after"]) < sum(errors["before"])
     # OUTPUT/model and OUTPUT/base load by path without t2r (the modeling code and auto_map beside them)
-    for folder in ("model", "base"):
-        assert "auto_map" in json.loads((out / folder / "config.json").read_text())
-        assert (out / folder / "modeling_t2r.py").is_file()
-    merged = AutoModelForCausalLM.from_pretrained(out / "model")
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    done = RunFolder(out)
+    for folder in (done.model, done.base):
+        assert "auto_map" in json.loads((folder / "config.json").read_text())
+        assert (folder / "modeling_t2r.py").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(done.model)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(done.base), done.adapter)
     ids = torch.randint(2, 258, (2, 33))
     with torch.no_grad():
         assert rel_err(merged(ids).logits, unmerged(ids).logits) < 1e-5
-    assert (out / "logs").is_dir() and any((out / "logs").rglob("events.out.tfevents*"))
+    assert done.logs.is_dir() and any(done.logs.rglob("events.out.tfevents*"))
 
 
 def test_two_processes_give_the_losses_of_one(tiny_run, tmp_path):
@@ -91,10 +93,10 @@ def test_resume_refuses_a_changed_model_or_lora_and_keeps_the_run(tiny_run, tmp_
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
-    before = (out / "config.yaml").read_text()
+    before = RunFolder(out).config.read_text()
     r = run(finetune_cmd(out, "stages.1.lora.rank=8") + ["--resume"])
     assert r.returncode == 2 and "stages.1.lora differs" in r.stderr and "Traceback" not in r.stderr
-    assert (out / "config.yaml").read_text() == before and latest_checkpoint(out).name == "step-0000009"
+    assert RunFolder(out).config.read_text() == before and latest_checkpoint(out).name == checkpoint_name(9)
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
@@ -117,8 +119,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert r.returncode == 3, r.stderr[-3000:]
     assert "became nan at step" in r.stderr or "became inf at step" in r.stderr
     assert "last good checkpoint is" in r.stderr and "--resume" in r.stderr
-    assert latest_checkpoint(out).name == "step-0000004"
-    assert not (out / "model").exists()
+    assert latest_checkpoint(out).name == checkpoint_name(4)
+    assert not RunFolder(out).model.exists()
     # with no checkpoint yet, it does not point at --resume, which could not work
     r = run(finetune_cmd(tmp_path / "early", "stages.1.lr=1.0e+30", "stages.1.warmup_steps=0",
                          "checkpoint.every_steps=100"))
@@ -150,9 +152,9 @@ def test_failed_checkpoint_writes_leave_the_previous_one_usable(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "writing the checkpoint at step 6 failed" in r.stdout and "(step-0000003) is intact" in r.stdout
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["latest", "step-0000003"]
-    assert latest_checkpoint(out).name == "step-0000003"
+    names = sorted(p.name for p in RunFolder(out).checkpoints.iterdir())
+    assert names == [LATEST, checkpoint_name(3)]
+    assert latest_checkpoint(out).name == checkpoint_name(3)
     first = metrics(out)
     r = run(finetune_cmd(out, "stages.1.steps=8", "checkpoint.every_steps=3", "eval.every_steps=100") + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -169,10 +171,10 @@ def test_a_checkpoint_exports_the_model_it_held(tiny_run, tmp_path):
     from t2r.train.data import load_documents, tokenize_and_pack
 
     out, _ = tiny_run
-    ckpt = out / "checkpoints" / "step-0000009"
+    ckpt = RunFolder(out).checkpoint(9)
     r = run([sys.executable, "-m", "t2r.cli", "export", str(ckpt), "--out", str(tmp_path / "export")])
     assert r.returncode == 0, r.stderr[-3000:]
-    config = load_config(out / "config.yaml")
+    config = load_config(RunFolder(out).config)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     tok = AutoTokenizer.from_pretrained(tmp_path / "export")
     held_out = tokenize_and_pack(load_documents(config.data)[1], tok, config.data, None)
@@ -186,7 +188,7 @@ def test_bf16_weights_train_on_cpu_and_stay_bf16(tmp_path):
     r = run(finetune_cmd(tmp_path / "bf16", "model.conversion.dtype=bf16", "stages.1.steps=2", "eval.before=false"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(tmp_path / "bf16"))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "model")
+    model = AutoModelForCausalLM.from_pretrained(RunFolder(tmp_path / "bf16").model)
     dtypes = {n.split(".")[-2]: p.dtype for n, p in model.named_parameters()}
     assert dtypes["q_proj"] == dtypes["f_proj"] == torch.bfloat16 and dtypes["g_norm"] == torch.float32
 
@@ -194,22 +196,22 @@ def test_bf16_weights_train_on_cpu_and_stay_bf16(tmp_path):
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
-    (out / ".lock").write_text(f"{os.getpid()}\n")  # this test process plays the first run
+    RunFolder(out).lock.write_text(f"{os.getpid()}\n")  # this test process plays the first run
     r = run(finetune_cmd(out))
     assert r.returncode == 2 and f"another t2r finetune (pid {os.getpid()}) is writing {out}" in r.stderr
-    assert not (out / "metrics.jsonl").exists() and (out / ".lock").read_text().strip() == str(os.getpid())
+    assert not RunFolder(out).metrics.exists() and RunFolder(out).lock.read_text().strip() == str(os.getpid())
 
 
 def test_a_fresh_run_starts_clean_and_takes_over_a_dead_runs_lock(tmp_path):
     """A folder an earlier attempt left without a checkpoint: its metrics do not mix into the new run's."""
     out = tmp_path / "again"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1, "stage": "finetune", "loss": 99.0}\n' * 7)
-    (out / ".lock").write_text("99999999\n")  # above any pid limit: no such process
+    RunFolder(out).metrics.write_text('{"step": 1, "stage": "finetune", "loss": 99.0}\n' * 7)
+    RunFolder(out).lock.write_text("99999999\n")  # above any pid limit: no such process
     r = run(finetune_cmd(out, "stages.0.steps=1", "stages.1.steps=1", "eval.teacher=false", "eval.before=false"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == [1, 2] and all(m["loss"] != 99.0 for m in metrics(out))
-    assert not (out / ".lock").exists()
+    assert not RunFolder(out).lock.exists()
 
 
 def test_resume_skips_a_damaged_latest_checkpoint(tmp_path):
@@ -220,9 +222,9 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path):
     r = run(finetune_cmd(out, *sets))
     assert r.returncode == 0, r.stderr[-3000:]
     whole = metrics(out)
-    weights = out / "checkpoints" / "step-0000012" / "accelerate" / "model.safetensors"
+    weights = RunFolder(out).checkpoint(12) / ACCELERATE_STATE / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    (out / "model").rename(out / "model-first")  # what the resumed run writes again
+    RunFolder(out).model.rename(out / "model-first")  # what the resumed run writes again
     r = run(finetune_cmd(out, *sets) + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint step-0000012 is damaged (model.safetensors does not read" in r.stdout
@@ -236,7 +238,7 @@ def test_a_run_trains_on_a_weighted_mix_of_sources(tmp_path):
                          "data.mix=[{dataset: python-stdlib, max_documents: 60}, "
                          "{dataset: english-prose, max_documents: 12, weight: 0.5}]"))
     assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads((out / "run_summary.json").read_text())["eval"]
+    ev = json.loads(RunFolder(out).summary.read_text())["eval"]
     assert ev["ppl_after"] < ev["converted_ppl_before"] and ev["eval_tokens"] > 0  # on both sources' held-out rows
-    saved = (out / "config.yaml").read_text()
+    saved = RunFolder(out).config.read_text()
     assert "english-prose" in saved and "weight: 0.5" in saved

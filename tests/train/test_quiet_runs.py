@@ -7,6 +7,7 @@ import sys
 import pytest
 from accelerate import Accelerator
 
+from t2r.train.run_folder import RunFolder
 from tests.train.runs import ROOT, TINY
 
 NOISE = ("FutureWarning", "Removed shared tensor", "check by verifying", "Map:", "Filter:", "de-quantizing")
@@ -24,7 +25,7 @@ def test_tiny_convert_and_finetune_print_no_library_noise(tmp_path):
                                "stages.0.steps=3", "--set", "stages.1.steps=1", "--set", "logging.tensorboard=false"],
                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert finetune.returncode == 0, finetune.stderr
-    assert (tmp_path / "f" / "checkpoints" / "step-0000003").is_dir()
+    assert RunFolder(tmp_path / "f").checkpoint(3).is_dir()
     for name, err in (("convert", convert.stderr), ("finetune", finetune.stderr)):
         assert not [n for n in NOISE if n in err], f"{name} stderr:\n{err}"
 
@@ -73,7 +74,8 @@ def test_gguf_dequantizing_bar_follows_transformers_switch(capsys):
 
 def test_trackers_receive_the_whole_validated_config(tmp_path, monkeypatch):
     from t2r.train.config import load_config
-    from t2r.train.loop import finetune, tracker_config
+    from t2r.train.loop import finetune
+    from t2r.train.tracking import tracker_config
 
     given = []
     real = Accelerator.init_trackers
@@ -96,4 +98,4 @@ def test_trackers_receive_the_whole_validated_config(tmp_path, monkeypatch):
     assert sent["optimizer.betas.1"] == dumped["optimizer"]["betas"][1] and sent["total_steps"] == 2
     assert all(v is None or isinstance(v, (bool, int, float, str)) for v in sent.values())
     assert {k.split(".")[0] for k in sent} >= set(dumped)  # every section of the config is there
-    assert list((tmp_path / "run" / "logs").rglob("hparams.yml"))
+    assert list(RunFolder(tmp_path / "run").logs.rglob("hparams.yml"))
