@@ -31,7 +31,8 @@ class StepGraph:
 
 
 def uses_graph(cache, input_ids: torch.Tensor) -> bool:
-    return input_ids.is_cuda if cache.cuda_graph is None else bool(cache.cuda_graph)
+    """CUDA inputs, unless the cache was made with ``cuda_graph=False``."""
+    return input_ids.is_cuda and cache.cuda_graph
 
 
 @torch.no_grad()
