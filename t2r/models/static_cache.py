@@ -39,7 +39,8 @@ class T2RStaticCache(T2RCache):
         if softmax and not max_length:
             raise ValueError(f"layers {softmax} keep softmax attention: give the static cache a max_length "
                              "(prompt + new tokens) for their keys and values")
-        self.max_batch_size, self.max_length = max_batch_size, max_length
+        self.max_batch_size = max_batch_size
+        self.max_length = max_length if softmax else None  # GSA layers alone: no bound
         self.device = torch.device(device) if device is not None else None
         self.cuda_graph = cuda_graph  # steps on CUDA replay a captured graph (False: eager)
         self.window_size = config.window_size
@@ -48,7 +49,6 @@ class T2RStaticCache(T2RCache):
         self.allocated = False
         self._pending = 0  # tokens of the forward under way (prefill)
         self.graphs: dict = {}  # (model id, batch size) -> StepGraph
-        self.graph_pool = None
         self.key_valid: torch.Tensor | None = None
         self.step_index: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
@@ -85,7 +85,7 @@ class T2RStaticCache(T2RCache):
             raise ValueError(f"{end} tokens, but this static cache holds at most max_length={self.max_length} "
                              "(softmax layers keep every key); make one with a larger max_length")
         new = attention_mask[:, -num_tokens:].bool() if attention_mask is not None else None
-        if self.max_length and any(not x for x in self.is_linear):
+        if self.max_length:
             if self.key_valid is None:
                 self.key_valid = torch.zeros(self.max_batch_size, self.max_length, dtype=torch.bool, device=device)
             self.key_valid[:batch_size, self.seen_tokens:end] = True if new is None else new

@@ -6,7 +6,8 @@ softmax keys and values are written in place, the counters live on the device), 
 it needs no compiler; capture takes milliseconds where compiling takes tens of seconds per batch
 size, it records the Triton decoding kernel as it is, and the eager code that runs on the CPU
 is the code that is captured. One graph per (model, batch size), kept by the cache, whose
-buffers it reads and writes.
+buffers it reads and writes. A graph replays the model as it was captured: a change to the model
+afterwards (weights swapped, ``window_branches``) needs a new cache.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ class StepGraph:
     """``model.decode_step`` on ``cache`` for a batch of ``input_ids`` [B, 1], captured."""
 
     def __init__(self, model, cache, input_ids: torch.Tensor):
-        if cache.graph_pool is None:
-            cache.graph_pool = torch.cuda.graph_pool_handle()
         self.input_ids = input_ids.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=cache.graph_pool):  # records without running
+        with torch.cuda.graph(self.graph):  # records without running; its own memory pool
             self.logits = model.decode_step(self.input_ids, cache)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
