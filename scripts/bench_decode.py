@@ -157,7 +157,7 @@ def measure(name, model, paths, args, device, rows):
     for batch in args.batches:
         static = None
         if "t2r static" in paths:  # one per batch size, for the longest prompt: graphs captured once
-            static = T2RStaticCache(model.config, batch, max(args.prompts) + args.new_tokens, device)
+            static = T2RStaticCache(model.config, batch, max(args.prompts) + args.new_tokens)
         warm = torch.randint(0, vocab, (batch, min(32, *args.prompts)), device=device)
         for path in paths:  # warm-up: kernels compiled, graphs captured at this batch size
             if path == "t2r static loop":

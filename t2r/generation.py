@@ -146,7 +146,7 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     check_request("x", max_new_tokens, temperature)
     B, T = input_ids.shape
     if cache is None:
-        cache = T2RStaticCache(model.config, B, T + max_new_tokens, input_ids.device, cuda_graph)
+        cache = T2RStaticCache(model.config, B, T + max_new_tokens, cuda_graph=cuda_graph)
     elif cache.max_length and T + max_new_tokens > cache.max_length:
         raise T2RError(f"{T} prompt + {max_new_tokens} new tokens do not fit the cache's max_length={cache.max_length}")
     cache.reset()

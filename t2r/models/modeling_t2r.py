@@ -405,7 +405,7 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         if (generation_config.cache_implementation == "static" and generation_config.use_cache is not False
                 and model_kwargs.get(CACHE_OUTPUT_KEY) is None):
             rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-            model_kwargs[CACHE_OUTPUT_KEY] = T2RStaticCache(self.config, rows, max_cache_length, self.device)
+            model_kwargs[CACHE_OUTPUT_KEY] = T2RStaticCache(self.config, rows, max_cache_length)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                                      max_cache_length, *args, **kwargs)

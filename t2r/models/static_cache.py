@@ -30,8 +30,7 @@ from .cache import T2RCache
 class T2RStaticCache(T2RCache):
     is_compileable = False  # a step is captured by step_graph.py, not by torch.compile
 
-    def __init__(self, config, max_batch_size: int, max_length: int | None = None, device=None,
-                 cuda_graph: bool = True):
+    def __init__(self, config, max_batch_size: int, max_length: int | None = None, cuda_graph: bool = True):
         super().__init__(config.num_hidden_layers)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -41,12 +40,10 @@ class T2RStaticCache(T2RCache):
                              "(prompt + new tokens) for their keys and values")
         self.max_batch_size = max_batch_size
         self.max_length = max_length if softmax else None  # GSA layers alone: no bound
-        self.device = torch.device(device) if device is not None else None
         self.cuda_graph = cuda_graph  # steps on CUDA replay a captured graph (False: eager)
         self.window_size = config.window_size
         self.is_linear = [i in config.gsa_layers for i in range(config.num_hidden_layers)]
         self.batch_size = 0
-        self.allocated = False
         self._pending = 0  # tokens of the forward under way (prefill)
         self.graphs: dict = {}  # (model id, batch size) -> StepGraph
         self.key_valid: torch.Tensor | None = None

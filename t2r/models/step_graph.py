@@ -39,6 +39,8 @@ def run_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits [B, 1, V] of one decoding step; the cache moves on by one token. On CUDA (unless the
     cache says ``cuda_graph=False``) the first step of a batch size runs eagerly on a side stream
     (compiling the Triton kernels, setting up cuBLAS) and is then captured; later ones replay it."""
+    if input_ids.shape[0] != cache.batch_size:
+        raise ValueError(f"the cache holds {cache.batch_size} sequences, got a step for {input_ids.shape[0]}")
     if not uses_graph(cache, input_ids):
         logits = model.decode_step(input_ids, cache)
     else:
