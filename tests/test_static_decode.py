@@ -135,3 +135,14 @@ def test_static_cache_refuses_what_it_cannot_hold():
         model(torch.randint(2, 258, (2, 9)), cache=cache)
     with pytest.raises(T2RError, match="do not fit the cache's max_length=8"):
         static_generate(model, torch.randint(2, 258, (2, 4)), max_new_tokens=5, cache=cache)
+
+
+def test_t2r_generate_prints_the_same_text_on_a_static_cache(capsys):
+    from t2r.cli import main
+
+    texts = []
+    for static in ("off", "on"):
+        assert main(["generate", "tiny-random-llama", "--prompt", "def f(x):", "--max-new-tokens", "8",
+                     "--static", static]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
