@@ -142,7 +142,8 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not isinstance(model, T2RForCausalLM):
         raise T2RError(f"static_generate needs a t2r model (T2RForCausalLM), got {type(model).__name__}")
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise T2RError(f"input_ids must be [batch, prompt length] with at least one token, got {tuple(input_ids.shape)}")
+        raise T2RError(f"input_ids must be [batch, prompt length] with at least one token, "
+                       f"got {tuple(input_ids.shape)}")
     check_request("x", max_new_tokens, temperature)
     B, T = input_ids.shape
     if cache is None:
