@@ -187,7 +187,7 @@ def measure(name, model, paths, args, device, rows):
                 if "tokens" in row:
                     if path == "t2r dynamic":
                         ref = row["tokens"]
-                    if path.startswith("t2r") and ref is not None:
+                    elif path.startswith("t2r") and ref is not None:
                         row["agree"] = agree(row["tokens"], ref)
                     del row["tokens"]
                 rows.append(row)
