@@ -10,6 +10,7 @@ from t2r.hub import T2RError
 from t2r.models import T2RStaticCache, output_cache
 from tests.conftest import converted
 from tests.kernels.gsa_inputs import rel_err
+from tests.kernels.triton_interp import triton_interpreter
 
 CASES = {
     "all-gsa": dict(family="llama"),
@@ -45,6 +46,25 @@ def test_static_steps_give_the_dynamic_logits_past_the_window(case):
             b.append(model(new[:, t:t + 1], attention_mask=mask, cache=static).logits)
     assert static.get_seq_length() == dynamic.get_seq_length() == 29
     assert rel_err(torch.cat(b, 1), torch.cat(a, 1)) < 1e-5
+
+
+def test_static_steps_through_the_triton_kernels_give_the_dynamic_logits():
+    from t2r.layers.gsa import GatedSlotAttention
+
+    _, model, _ = converted(**CASES["window-hybrid"])
+    for m in model.modules():
+        if isinstance(m, GatedSlotAttention):
+            m.backend = "triton"  # the decoding kernel a CUDA graph captures
+    ids, mask = _left_padded()
+    static = T2RStaticCache(model.config, max_batch_size=3, max_length=20)
+    with torch.no_grad(), triton_interpreter():
+        dynamic = output_cache(model(ids, attention_mask=mask, use_cache=True))
+        model(ids, attention_mask=mask, cache=static)
+        for t in range(8):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            new = torch.randint(2, 258, (3, 1))
+            a = model(new, attention_mask=mask, cache=dynamic).logits
+            assert rel_err(model(new, attention_mask=mask, cache=static).logits, a) < 1e-5
 
 
 @pytest.mark.parametrize("case", ["all-gsa", "window-hybrid"])
