@@ -38,7 +38,6 @@ def _growth_per_layer(make, checkpointing=True) -> float:
     return (four - two) / 2
 
 
-@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # as t2r's training calls it
 def _converted(num_layers, options, backend=None):
     model = convert_model(tiny_teacher("llama", num_layers=num_layers)[0], ConversionOptions(**options))
     for m in model.modules():
@@ -47,6 +46,7 @@ def _converted(num_layers, options, backend=None):
     return model
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # as t2r's training calls it
 @pytest.mark.parametrize("options, backend", [(dict(), None), (dict(window_size=16), None), (dict(), "triton")],
                          ids=["gsa", "window", "gsa-triton-kernels"])
 def test_checkpointed_activations_grow_per_layer_as_the_teachers(options, backend):
