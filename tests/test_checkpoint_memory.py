@@ -6,6 +6,7 @@ Measured on CPU as the net bytes the forward allocates and does not free (torch.
 profile_memory: every tensor still alive, whoever holds it: autograd, the checkpoint frames, a module
 attribute), at 2 and 4 layers."""
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -25,8 +26,10 @@ def _held_after_forward(model, ids, checkpointing=True) -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model(ids, labels=ids).loss.backward()  # lazy tables made before measuring
     model.zero_grad(set_to_none=True)
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = model(ids, labels=ids)
+        gc.collect()  # temporaries in reference cycles (the Triton interpreter's) freed inside the window
     held = sum(e.self_cpu_memory_usage for e in prof.key_averages())
     out.loss.backward()
     return held
