@@ -28,6 +28,10 @@ from .cache import T2RCache
 
 
 class T2RStaticCache(T2RCache):
+    """Decoding state for up to ``max_batch_size`` sequences of at most ``max_length`` tokens (needed only
+    with softmax layers); ``cuda_graph=False`` runs the steps eagerly on CUDA too. Reusable: a forward
+    on an empty cache (after ``reset()``) starts new sequences in the same buffers and graphs."""
+
     is_compileable = False  # a step is captured by step_graph.py, not by torch.compile
 
     def __init__(self, config, max_batch_size: int, max_length: int | None = None, cuda_graph: bool = True):
