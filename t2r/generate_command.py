@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help=LOADING_HELP)
+    p.add_argument("--static", default="auto", choices=["auto", "on", "off"],
+                   help="decode on a static cache: buffers allocated once, each step a CUDA graph on CUDA "
+                        "(auto: on CUDA, for t2r models)")
     p.set_defaults(func=run)
 
 
@@ -27,8 +30,9 @@ def run(args) -> None:
 
     check_request(args.prompt, args.max_new_tokens, args.temperature)
     model, tokenizer = load_for_inference(args.model_dir, args.device, args.dtype)
-    chat = {"auto": None, "on": True, "off": False}[args.chat]
-    _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature, stream=True)
+    chat, static = ({"auto": None, "on": True, "off": False}[a] for a in (args.chat, args.static))
+    _, stats = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat, args.temperature, stream=True,
+                             static=static)
     cache = "" if stats["cache_bytes"] is None else f", cache {stats['cache_bytes'] / 2**10:,.0f} KiB"
     print(f"[{stats['prompt_tokens']} prompt tokens, generated {stats['new_tokens']} tokens in "
           f"{stats['seconds']:.2f}s{cache}]", file=sys.stderr)

@@ -40,6 +40,9 @@ class AttentionContext:
                 RoPE: the window hybrid counts the tokens older than its window with it.
     transfer:   attention transfer (None: an ordinary forward): every GSA layer passes the
                 teacher's output on and adds its error to this collector.
+    step:       one decoding step on a ``T2RStaticCache``: each layer reads the cache's device
+                counters and writes its slot of the cache in place (nothing depends on host values,
+                so the step can be captured as a CUDA graph); every row's token is real.
     """
 
     cos: torch.Tensor
@@ -49,6 +52,7 @@ class AttentionContext:
     doc_ids: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     transfer: TransferErrors | None = None
+    step: bool = False
 
     def token_mask(self, T: int) -> torch.Tensor | None:
         """[B, T] bool for this forward's own tokens (None: all real)."""
@@ -105,6 +109,8 @@ class SoftmaxAttention(nn.Module):
     def softmax_forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, ctx)
+        if ctx.step:
+            return self.o_proj(self._step_attention(q, k, v, cache).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         S = k.shape[1]
@@ -115,6 +121,22 @@ class SoftmaxAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _step_attention(self, q, k, v, cache) -> torch.Tensor:
+        """One decoding step on a static cache: write this token's key and value at the step's
+        column, attend over every real column so far (within the teacher's window, if any)."""
+        kb, vb, valid = cache.kv_buffers(self.layer_idx)
+        col = cache.step_index
+        kb.index_copy_(1, col, k)
+        vb.index_copy_(1, col, v)
+        cols = torch.arange(kb.shape[1], device=kb.device)
+        allowed = valid & (cols <= col)
+        if self.window is not None:
+            allowed = allowed & (cols > col - self.window)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=allowed[:, None, None, :],
+            scale=self.head_dim ** -0.5, enable_gqa=self.num_heads != self.num_kv_heads)
+        return o.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
         return self.softmax_forward(x, ctx, cache)

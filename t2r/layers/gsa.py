@@ -36,7 +36,7 @@ from .attention import AttentionContext, SoftmaxAttention
 from .feature_maps import LearnableFeatureMap, make_feature_map
 from .norm import RMSNorm
 from .rotary import apply_rotary
-from .window import window_attention
+from .window import ring_window_attention, window_attention
 
 
 def slot_gates(gate_logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +160,8 @@ class GatedSlotAttention(SoftmaxAttention):
     def _windowed(self, q, k, v, s, g, teacher_qkv, ctx: AttentionContext, cache) -> torch.Tensor:
         """Window softmax over the last W tokens + GSA over the older ones, mixed (module doc)."""
         W, (qr, kr, v0) = self.window_size, teacher_qkv
+        if ctx.step:
+            return self._window_step(q, k, v, s, g, teacher_qkv, ctx, cache)
         B, T = q.shape[:2]
         mask = ctx.token_mask(T)
         pos = ctx.positions if ctx.positions is not None else torch.arange(T, device=q.device).expand(B, T)
@@ -187,10 +189,29 @@ class GatedSlotAttention(SoftmaxAttention):
             o_g, final = self._gsa(q, *old, ctx, state, True)
             cache.set_gsa_state(self.layer_idx, final)
             cache.set_window_buffer(self.layer_idx, {n: t[:, T:] for n, t in full.items()})
+        return self._mix(o_w, lse, o_g, pos)
+
+    def _window_step(self, q, k, v, s, g, teacher_qkv, ctx: AttentionContext, cache) -> torch.Tensor:
+        """``_windowed`` for one decoding step on a static cache: the token of column c takes slot
+        c mod W of the ring buffer, whose previous entry (c - W) enters the GSA state."""
+        qr, kr, v0 = teacher_qkv
+        ring, slot = cache.ring(self.layer_idx), cache.step_index % self.window_size
+        old = [ring[n].index_select(1, slot) for n in ("gk", "gv", "s", "g")]
+        for n, t in (("k", kr), ("v", v0), ("gk", k), ("gv", v), ("s", s), ("g", g)):
+            ring[n].index_copy_(1, slot, t.to(ring[n].dtype))
+        ring["valid"].index_fill_(1, slot, True)
+        o_w, lse = ring_window_attention(qr, ring["k"], ring["v"], ring["valid"], self.head_dim ** -0.5)
+        o_g, final = self._gsa(q, *old, ctx, cache.gsa_state(self.layer_idx), True)
+        cache.set_gsa_state(self.layer_idx, final)
+        return self._mix(o_w, lse, o_g, ctx.positions)
+
+    def _mix(self, o_w, lse, o_g, pos) -> torch.Tensor:
+        """The window's and the state's outputs weighed as one softmax would (module doc)."""
         if o_g is None or not self.branches["gsa"]:
             return o_w
         if not self.branches["window"]:
             return o_g
+        W = self.window_size
         n_old = (pos - W + 1).clamp_min(0).float()[:, :, None]  # [B, T, 1]
         log_old = self.window_mix.weight.float() + n_old.log()  # -inf where nothing is older than the window
         w = torch.sigmoid(lse - log_old)[..., None]

@@ -63,3 +63,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     o = torch.einsum("bnhgrc,bnchd->bnrhgd", p, vb).reshape(B, NB * W, HQ, D)[:, :T]
     lse = lse.permute(0, 1, 4, 2, 3).reshape(B, NB * W, HQ)[:, :T]
     return o.to(q.dtype), lse
+
+
+def ring_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
+    """One decoding step of :func:`window_attention` over a ring buffer: q [B, 1, HQ, D] attends to
+    the W entries of k and v [B, W, H, D] (the last W tokens, this one included, in any order)
+    where ``valid`` [B, W] is True. Returns o [B, 1, HQ, D] in q's dtype and the log-sum-exp
+    [B, 1, HQ] (fp32), as :func:`window_attention` computes them."""
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    scores = torch.einsum("bthgd,bwhd->bthgw", q.view(B, T, H, HQ // H, D), k).float() * scale
+    scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # [B, T, H, G]
+    p = torch.exp(scores - lse[..., None]).to(v.dtype)
+    o = torch.einsum("bthgw,bwhd->bthgd", p, v).reshape(B, T, HQ, D)
+    return o.to(q.dtype), lse.reshape(B, T, HQ)

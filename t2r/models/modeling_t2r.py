@@ -25,6 +25,8 @@ from t2r.layers.rotary import RotaryEmbedding
 
 from .cache import T2RCache
 from .configuration_t2r import T2RConfig
+from .static_cache import T2RStaticCache
+from .step_graph import run_step
 
 
 # The name of the cache in model outputs: `past_key_values` up to transformers 5.2x, `cache` after.
@@ -302,6 +304,8 @@ class T2RModel(T2RPreTrainedModel):
         use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
         if use_cache and cache is None and cu_seqlens is None:
             cache = T2RCache(self.config.num_hidden_layers)
+        if isinstance(cache, T2RStaticCache):
+            cache.begin(B, T, attention_mask, h.device)
         ctx = self.context(h, attention_mask, position_ids, cu_seqlens, past)
         ctx.transfer = transfer_errors
         hidden = [h] if output_hidden_states else None
@@ -379,6 +383,11 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
             max_length_k=max_length_k, seq_idx=seq_idx)
         if attention_transfer:
             return self._attention_transfer(input_ids, attention_mask, position_ids, cu_seqlens)
+        if (isinstance(cache, T2RStaticCache) and T == 1 and cache.get_seq_length() > 0 and input_ids is not None
+                and labels is None and not output_hidden_states):
+            # a decoding step: buffers written in place, on CUDA a graph replay (step_graph.py)
+            output = CausalLMOutputWithPast(logits=run_step(self, cache, input_ids), **{CACHE_OUTPUT_KEY: cache})
+            return output if return_dict is not False else output.to_tuple()
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if not keep_all and labels is not None:
             raise ValueError("logits_to_keep drops positions that labels need; leave it out when computing a loss")
@@ -395,6 +404,33 @@ class T2RForCausalLM(T2RPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         **{CACHE_OUTPUT_KEY: out.get(BASE_CACHE_OUTPUT_KEY)})
         return output if return_dict is not False else output.to_tuple()
+
+    def decode_step(self, input_ids: torch.Tensor, cache: T2RStaticCache) -> torch.Tensor:
+        """Logits [B, 1, V] of one new token per row (``input_ids`` [B, 1]) after the tokens the static
+        cache holds, which it updates in place. Reads no host value: the body of a CUDA-graphed step
+        (``step_graph.py``); ``forward`` runs it for a one-token call on a ``T2RStaticCache``."""
+        m = self.model
+        h = m.embed_tokens(input_ids)
+        pos = cache.step_positions()
+        cos, sin = m.rotary_emb(pos, h.dtype)
+        ctx = AttentionContext(cos=cos, sin=sin, positions=pos, step=True)
+        cache.step_begin()
+        for layer in m.layers:
+            h = layer(h, ctx, cache)
+        cache.step_end()
+        return self.lm_head(m.norm(h))
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        """``generate(..., cache_implementation="static")`` decodes on a ``T2RStaticCache`` for the batch
+        (CUDA graphs on CUDA); anything else as transformers does."""
+        if (generation_config.cache_implementation == "static" and generation_config.use_cache is not False
+                and model_kwargs.get(CACHE_OUTPUT_KEY) is None):
+            rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+            model_kwargs[CACHE_OUTPUT_KEY] = T2RStaticCache(self.config, rows, max_cache_length)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                     max_cache_length, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, logits_to_keep=None, **kwargs):
