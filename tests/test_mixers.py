@@ -210,3 +210,30 @@ def test_a_linear_mixer_with_nothing_new_to_train_says_so():
     _, gla, _ = converted("llama", mixer="gla", feature_map="relu", output_norm=False)
     assert {n.split(".self_attn.")[1] for n in stage_parameters(gla, AttentionTransferStage(
         name="attention_transfer", steps=1, lr=1e-2))} == {"gk_proj.down.weight", "gk_proj.up.weight", "gk_proj.up.bias"}
+
+
+def test_options_of_another_mixer_are_refused_in_one_line(tmp_path, capsys):
+    """num_slots, gate_source, f_proj_init act on GSA alone (gate_rank on gla, linear_decay on linear):
+    set to another value for another mixer they would be silently ignored."""
+    from t2r.cli import main
+    from t2r.errors import T2RError
+
+    with pytest.raises(T2RError, match=r"^num_slots=16 \(--num-slots\): only mixer gsa uses it, and the mixer is 'gla'"):
+        ConversionOptions(mixer="gla", num_slots=16)
+    with pytest.raises(T2RError, match=r"f_proj_init='random' .*gate_source='key' .*only mixer gsa uses them"):
+        ConversionOptions(mixer="linear", gate_source="key", f_proj_init="random")
+    with pytest.raises(T2RError, match="gate_rank=4 .*only mixer gla"):
+        ConversionOptions(gate_rank=4)
+    # their defaults, given or not, and every option of the chosen mixer, pass
+    ConversionOptions(mixer="gla", num_slots=64, gate_source="f_proj", f_proj_init="key", gate_rank=4)
+    ConversionOptions.model_validate(ConversionOptions(mixer="linear", linear_decay="none").model_dump())
+    assert main(["convert", "tiny-random-llama", "--out", str(tmp_path), "--mixer", "linear", "--num-slots", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_slots=8 (--num-slots): only mixer gsa uses it" in err[0]
+    from pathlib import Path
+
+    from t2r.train.config import load_config
+
+    tiny = Path(__file__).parents[1] / "configs" / "tiny.yaml"  # GSA's recipe, 16 slots, switched to gla
+    with pytest.raises(T2RError, match=r"tiny.yaml: num_slots=16 \(--num-slots\): only mixer gsa"):
+        load_config(tiny, ["model.conversion.mixer=gla"])
