@@ -168,6 +168,8 @@ def test_export_card_names_the_mixer_and_its_state_size(tmp_path):
     assert "**Gated Linear Attention** (GLA)" in card and "state of 8 KiB per sequence" in card
     assert "| mixer | gla (low-rank gate, rank 16) |" in card
     assert "memory slots per kv head" not in card  # GSA's slots are no part of a gla layer
+    assert "its layers run fla's Triton GLA kernels" in card and "GSA layers run" not in card
+    assert "4 of its 4 attention layers are GLA" in card and "the GLA layers carry a recurrent state" in card
 
 
 def test_bf16_decoding_keeps_an_fp32_state_and_follows_the_parallel_forward():
