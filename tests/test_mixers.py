@@ -220,7 +220,8 @@ def test_options_of_another_mixer_are_refused_in_one_line(tmp_path, capsys):
     from t2r.cli import main
     from t2r.errors import T2RError
 
-    with pytest.raises(T2RError, match=r"^num_slots=16 \(--num-slots\): only mixer gsa uses it, and the mixer is 'gla'"):
+    first = r"^num_slots=16 \(--num-slots\): only mixer gsa uses it, and the mixer is 'gla'; remove it"
+    with pytest.raises(T2RError, match=first):
         ConversionOptions(mixer="gla", num_slots=16)
     with pytest.raises(T2RError, match=r"f_proj_init='random' .*gate_source='key' .*only mixer gsa uses them"):
         ConversionOptions(mixer="linear", gate_source="key", f_proj_init="random")
