@@ -21,10 +21,11 @@ LINEAR_DECAYS = ("retnet", "none")
 
 class Limit:
     """One option's default and allowed values: one of ``choices``, or a number within ``ge`` <= x <= ``le``,
-    x > ``gt`` (the keywords pydantic's ``Field`` takes). A default of None stays allowed."""
+    x > ``gt`` (the keywords pydantic's ``Field`` takes). A default of None stays allowed. ``mixers``: the
+    mixers the option acts on (a conversion that sets it to another value for another mixer is refused)."""
 
-    def __init__(self, default, choices: tuple = (), **bounds):
-        self.default, self.choices, self.bounds = default, choices, bounds
+    def __init__(self, default, choices: tuple = (), mixers: tuple = MIXERS, **bounds):
+        self.default, self.choices, self.mixers, self.bounds = default, choices, mixers, bounds
 
     def problem(self, name: str, value) -> str | None:
         """Why ``value`` is not allowed for option ``name`` (None: it is)."""
@@ -41,16 +42,16 @@ class Limit:
 
 LIMITS = {
     "mixer": Limit("gsa", MIXERS),
-    "num_slots": Limit(64, ge=1, le=MAX_DIM),
+    "num_slots": Limit(64, ge=1, le=MAX_DIM, mixers=("gsa",)),
     "gate_logit_normalizer": Limit(8.0, gt=0),
     "feature_map": Limit("swish", FEATURE_MAPS),
     "use_rope": Limit(False),
     "gsa_scale": Limit(None, gt=0),
     "v_activation": Limit("silu", V_ACTIVATIONS),
     "output_norm": Limit(True),
-    "gate_source": Limit("f_proj", GATE_SOURCES),
-    "f_proj_init": Limit("key", F_PROJ_INITS),
+    "gate_source": Limit("f_proj", GATE_SOURCES, mixers=("gsa",)),
+    "f_proj_init": Limit("key", F_PROJ_INITS, mixers=("gsa",)),
     "window_size": Limit(0, ge=0, le=4096),
-    "gate_rank": Limit(16, ge=1, le=1024),
-    "linear_decay": Limit("retnet", LINEAR_DECAYS),
+    "gate_rank": Limit(16, ge=1, le=1024, mixers=("gla",)),
+    "linear_decay": Limit("retnet", LINEAR_DECAYS, mixers=("linear",)),
 }

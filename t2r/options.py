@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .conversion_limits import (FEATURE_MAPS, F_PROJ_INITS, GATE_SOURCES, LIMITS, LINEAR_DECAYS, MAX_DIM, MIXERS,
                                 V_ACTIVATIONS)
@@ -50,6 +50,22 @@ class ConversionOptions(BaseModel):
         "none", description="layers kept as softmax attention: 'none', 'all', or indices like '0,8-11'")
     dtype: Literal[DTYPE_CHOICES] = "auto"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _options_of_another_mixer(self):
+        """An option given a value other than its default for a mixer it does not act on would be
+        silently ignored (say num_slots with mixer gla): refuse it. (A T2RError passes pydantic
+        unwrapped: one line, from the flags and from a config file alike.)"""
+        unused = [name for name in sorted(self.model_fields_set)
+                  if name in LIMITS and self.mixer not in LIMITS[name].mixers
+                  and getattr(self, name) != LIMITS[name].default]
+        if unused:
+            given = ", ".join(f"{n}={getattr(self, n)!r} (--{n.replace('_', '-')})" for n in unused)
+            owners = " / ".join(sorted({m for n in unused for m in LIMITS[n].mixers}))
+            raise T2RError(f"{given}: only mixer {owners} uses {'it' if len(unused) == 1 else 'them'}, and the mixer "
+                           f"is {self.mixer!r}; remove {'it' if len(unused) == 1 else 'them'} (or leave at the "
+                           "default), or choose that mixer")
+        return self
 
 
 def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:

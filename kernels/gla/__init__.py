@@ -4,7 +4,7 @@
 
 One operator serves both new mixers: GLA (a data-dependent gate per key dimension) and the plain
 linear attention (a fixed decay per head, or none: g = 0). ``ops.py`` says which implementation
-runs and why the GSA Triton kernels are not reused.
+runs (fla's Triton kernels on CUDA when installed, else torch) and why.
 """
 from .ops import chunk_gla, fused_recurrent_gla
 from .reference import naive_recurrent_gla

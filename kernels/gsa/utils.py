@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import T2RError
 
 MAX_DIM = 128  # the Triton kernels' limit on K, V and M: larger ones do not fit the register tiles
 
 
-class GSAInputError(ValueError):
-    """A GSA operator was called with inputs that break its contract."""
+class GSAInputError(ValueError, T2RError):
+    """An operator was called with inputs that break its contract (the ``t2r`` command prints it as one line)."""
 
 
 @dataclass(frozen=True)

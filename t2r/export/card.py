@@ -128,14 +128,15 @@ def _about(info: CardInfo) -> list[str]:
     kv_bytes = {"float32": 4}.get(info.dtype, 2)
     kv_token = 2 * H * D * kv_bytes
     what = "A LoRA adapter for a" if info.fmt == "adapter" else "A"
+    short = {"gsa": "GSA", "gla": "GLA"}.get(mixer, "linear attention")
     lines = [
         f"{what} {named} ({c.get('base_model_type', 'llama')} family) converted from softmax attention to "
         f"{MIXER_NAMES[mixer]}, a linear-time recurrent layer with a fixed-size state, with "
-        f"t2r {info.t2r_version} (Transformer-to-RNN finetuning). {len(gsa)} of its {L} attention layers are GSA"
+        f"t2r {info.t2r_version} (Transformer-to-RNN finetuning). {len(gsa)} of its {L} attention layers are {short}"
         + (f"; {'layers' if len(softmax) > 1 else 'layer'} {layer_ranges(softmax)} "
            f"{'keep' if len(softmax) > 1 else 'keeps'} the teacher's softmax attention (a hybrid)." if softmax else "."),
         "",
-        f"Decoding memory: the GSA layers carry a recurrent state of {_kib(state)} per sequence whatever the context "
+        f"Decoding memory: the {short} layers carry a recurrent state of {_kib(state)} per sequence whatever the context "
         "length" + (f" (slots, and a ring buffer of the last {window} tokens)" if window else "") + (f", plus a KV cache of {_kib(len(softmax) * kv_token)} per token for the softmax layers"
                     if softmax else "")
         + f"; the teacher's KV cache takes {_kib(L * kv_token)} per token ({info.dtype}).",
@@ -224,11 +225,15 @@ def _usage_model(info: CardInfo) -> list[str]:
     gen = ('inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
            "out = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
            "print(tokenizer.decode(out[0], skip_special_tokens=True))")
+    kernels = ("on a CUDA GPU with `triton` installed the GSA layers run t2r's Triton kernels"
+               if info.config.get("mixer", "gsa") == "gsa" else
+               "on a CUDA GPU with fla installed (`pip install flash-linear-attention`) its layers run fla's Triton "
+               "GLA kernels")
     return [
         "## Usage", "",
         "Without t2r: the modeling code ships in this repository (generated from t2r's sources), so "
-        "`trust_remote_code=True` runs it. It needs only `torch` and `transformers`; on a CUDA GPU with `triton` "
-        "installed the GSA layers run t2r's Triton kernels, elsewhere a torch implementation.", "",
+        f"`trust_remote_code=True` runs it. It needs only `torch` and `transformers`; {kernels}, elsewhere a "
+        "torch implementation.", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{loc}", trust_remote_code=True)',
         f'tokenizer = AutoTokenizer.from_pretrained("{loc}", trust_remote_code=True)', gen, "```", "",

@@ -25,7 +25,8 @@ The rest is GSA's (``gsa.py``): the window hybrid (exact softmax over the last W
 mixer over older ones), attention transfer, teacher mode, padding (a padded token neither writes
 nor decays the state: its write weight s and its gate are 0), packed documents (state reset per
 document) and decoding through ``T2RCache`` with a fixed-size state (a 1-tuple (S,) per layer).
-The operator is ``t2r.kernels.gla`` (its ``ops.py`` says which implementation runs and why).
+The operator is ``t2r.kernels.gla`` (its ``ops.py`` says which implementation runs and why: fla's
+Triton kernels on CUDA when installed, else torch; ``gsa_backend`` picks for every mixer).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class GatedLinearAttention(GatedSlotAttention):
             q, k, v, g = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g))
         op = fused_recurrent_gla if (state is not None and T == 1) else chunk_gla
         o, final = op(q, k, v, g, scale=self.scale, initial_state=None if state is None else state[0],
-                      output_final_state=want_state, cu_seqlens=ctx.cu_seqlens)
+                      output_final_state=want_state, cu_seqlens=ctx.cu_seqlens, backend=self.backend)
         return o.reshape(B, T, self.num_heads, -1), (None if final is None else (final,))
 
     def extra_repr(self) -> str:

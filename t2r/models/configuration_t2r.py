@@ -62,7 +62,7 @@ class T2RConfig(PretrainedConfig):
     f_proj_init: str = LIMITS["f_proj_init"].default  # how the conversion initialised f_proj: key or random
     window_size: int = LIMITS["window_size"].default  # > 0: exact softmax over the last W tokens + GSA for older
     gsa_norm_eps: float = 1e-5
-    gsa_backend: str = "auto"
+    gsa_backend: str = "auto"  # auto, torch or triton: our GSA kernels; for gla/linear fla's (kernels/gsa/backend.py)
     gate_rank: int = LIMITS["gate_rank"].default  # gla: rank of the low-rank gate projection
     linear_decay: str = LIMITS["linear_decay"].default  # linear: a fixed decay per kv head (RetNet's) or none
 

@@ -301,6 +301,8 @@ def load_config(path: str | Path, overrides: list[str] = (), output_dir: str | N
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         raise T2RError(f"{path}: invalid config\n{_format_errors(e)}") from None
+    except T2RError as e:  # a validator's own one-line message (ConversionOptions: an option of another mixer)
+        raise T2RError(f"{path}: {e}") from None
 
 
 def dump_config(config: RunConfig) -> str:

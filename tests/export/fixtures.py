@@ -26,7 +26,8 @@ IDS = torch.tensor([[5, 77, 180, 33, 2, 250, 91, 14, 66, 120, 7, 201, 45, 99],
 def save_converted(folder: Path, family: str = "llama", seed: int = 0, dtype=torch.float32, **options):
     """Convert a tiny random teacher and save it like ``t2r convert`` does; return the model."""
     teacher, tok = tiny_teacher(family, seed=seed)
-    model = convert_model(teacher.to(dtype), ConversionOptions(**{"num_slots": 8, **options}),
+    small = {"num_slots": 8} if options.get("mixer", "gsa") == "gsa" else {}  # slots: GSA's option alone
+    model = convert_model(teacher.to(dtype), ConversionOptions(**{**small, **options}),
                           source=f"tiny-random-{family}")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -2,6 +2,7 @@
 interpreter): it checks our kernel against the fp32 reference before timing, times SDPA under
 each backend it can run, and writes its tables and raw numbers."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,3 +21,15 @@ def test_bench_script_smoke(tmp_path):
     assert row["ours_fwdbwd"] > 0 and row["sdpa_best"] in ("flash", "cudnn", "efficient", "default")
     table = (tmp_path / "bench.md").read_text()
     assert "| 2 x 128 |" in table and "SDPA (causal) by backend" in table
+
+
+def test_bench_mixers_self_check(tmp_path):
+    """scripts/bench_mixers.py --smoke on CPU: every row it can run here agrees with the fp32 loop."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/bench_mixers.py"), "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_mixers.json").read_text())["rows"]
+    assert set(rows) == {"gsa-triton", "gsa-torch", "gla-fla", "gla-torch", "linear-fla", "linear-torch"}
+    for name in ("gsa-triton", "gsa-torch", "gla-torch", "linear-torch"):
+        assert rows[name]["check_rel_err"] < 1e-4, (name, rows[name])

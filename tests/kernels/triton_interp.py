@@ -65,3 +65,78 @@ def poisoned_outputs():
         yield
     finally:
         torch.empty, torch.empty_like = empty, empty_like
+
+
+_fla_interpreted = False  # fla was first imported by fla_interpreter (its kernels are interpreted)
+
+
+class _LoopIndex(int):
+    """A ``range`` index with compiled Triton's ``.to(dtype)`` (the interpreter's are plain ints)."""
+
+    def to(self, dtype, **_):
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime.interpreter import TensorHandle, _get_np_dtype
+
+        return tl.tensor(TensorHandle(np.array(int(self), dtype=_get_np_dtype(dtype)), dtype), dtype)
+
+
+def _loop_range(*args):
+    return (_LoopIndex(i) for i in range(*args))
+
+
+def _interpreted_language_helpers():
+    """Swap triton.language's own @jit helpers (tl.cdiv, ...) for interpreted ones: they are
+    decorated when triton is imported, before the interpreter was on. Returns what to restore."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swapped = []
+    for module in (tl, tl.standard):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                swapped.append((module, name, value))
+                setattr(module, name, InterpretedFunction(value.fn))
+    return swapped
+
+
+@contextmanager
+def fla_interpreter():
+    """fla's GLA kernels on CPU through the Triton interpreter (on CUDA nothing is changed).
+
+    fla 0.6 assumes compiled Triton in two places, shimmed here for the tests only: its autotuners
+    benchmark every config on a GPU driver (RuntimeError '0 active drivers'): each takes its first
+    config; and its kernels call ``.to(tl.int64)`` on ``for i_t in range(NT)`` indices (AttributeError
+    "'int' object has no attribute 'to'"): ``range`` in fla's op modules yields ints that have it.
+    Its kernels also call triton.language's jitted helpers (tl.cdiv), interpreted here whenever
+    triton was imported first. fla must be first imported here (Triton decorates kernels at import)."""
+    if CUDA:
+        yield
+        return
+    import pytest
+    from triton.runtime import autotuner
+
+    global _fla_interpreted
+    fresh = not any(name == "fla" or name.startswith("fla.") for name in sys.modules)
+    with triton_interpreter():
+        if not (fresh or _fla_interpreted):
+            pytest.skip("fla was imported before the Triton interpreter was on; run these tests in their own process")
+        import fla.ops.gla  # noqa: F401
+
+        _fla_interpreted = True
+
+        helpers = _interpreted_language_helpers()
+        prune = autotuner.Autotuner.prune_configs
+        autotuner.Autotuner.prune_configs = lambda self, kwargs: prune(self, kwargs)[:1]
+        mods = [m for name, m in sys.modules.items() if name.startswith("fla.ops") and m is not None]
+        for m in mods:
+            m.range = _loop_range
+        try:
+            yield
+        finally:
+            autotuner.Autotuner.prune_configs = prune
+            for module, name, jitted in helpers:
+                setattr(module, name, jitted)
+            for m in mods:
+                del m.range

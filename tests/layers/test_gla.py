@@ -168,6 +168,8 @@ def test_export_card_names_the_mixer_and_its_state_size(tmp_path):
     assert "**Gated Linear Attention** (GLA)" in card and "state of 8 KiB per sequence" in card
     assert "| mixer | gla (low-rank gate, rank 16) |" in card
     assert "memory slots per kv head" not in card  # GSA's slots are no part of a gla layer
+    assert "its layers run fla's Triton GLA kernels" in card and "GSA layers run" not in card
+    assert "4 of its 4 attention layers are GLA" in card and "the GLA layers carry a recurrent state" in card
 
 
 def test_bf16_decoding_keeps_an_fp32_state_and_follows_the_parallel_forward():
@@ -210,3 +212,31 @@ def test_a_linear_mixer_with_nothing_new_to_train_says_so():
     _, gla, _ = converted("llama", mixer="gla", feature_map="relu", output_norm=False)
     assert {n.split(".self_attn.")[1] for n in stage_parameters(gla, AttentionTransferStage(
         name="attention_transfer", steps=1, lr=1e-2))} == {"gk_proj.down.weight", "gk_proj.up.weight", "gk_proj.up.bias"}
+
+
+def test_options_of_another_mixer_are_refused_in_one_line(tmp_path, capsys):
+    """num_slots, gate_source, f_proj_init act on GSA alone (gate_rank on gla, linear_decay on linear):
+    set to another value for another mixer they would be silently ignored."""
+    from t2r.cli import main
+    from t2r.errors import T2RError
+
+    first = r"^num_slots=16 \(--num-slots\): only mixer gsa uses it, and the mixer is 'gla'; remove it"
+    with pytest.raises(T2RError, match=first):
+        ConversionOptions(mixer="gla", num_slots=16)
+    with pytest.raises(T2RError, match=r"f_proj_init='random' .*gate_source='key' .*only mixer gsa uses them"):
+        ConversionOptions(mixer="linear", gate_source="key", f_proj_init="random")
+    with pytest.raises(T2RError, match="gate_rank=4 .*only mixer gla"):
+        ConversionOptions(gate_rank=4)
+    # their defaults, given or not, and every option of the chosen mixer, pass
+    ConversionOptions(mixer="gla", num_slots=64, gate_source="f_proj", f_proj_init="key", gate_rank=4)
+    ConversionOptions.model_validate(ConversionOptions(mixer="linear", linear_decay="none").model_dump())
+    assert main(["convert", "tiny-random-llama", "--out", str(tmp_path), "--mixer", "linear", "--num-slots", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_slots=8 (--num-slots): only mixer gsa uses it" in err[0]
+    from pathlib import Path
+
+    from t2r.train.config import load_config
+
+    tiny = Path(__file__).parents[1] / "configs" / "tiny.yaml"  # GSA's recipe, 16 slots, switched to gla
+    with pytest.raises(T2RError, match=r"tiny.yaml: num_slots=16 \(--num-slots\): only mixer gsa"):
+        load_config(tiny, ["model.conversion.mixer=gla"])
