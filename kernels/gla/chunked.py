@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from .contract import check_gla_inputs
-from ..gsa.chunk_torch import _from_padded_rows, _to_padded_rows
-from ..gsa.utils import compute_dtype, default_scale, sequence_spans
+from ..gsa.chunk_torch import _from_padded_rows, padded_chunk_rows
+from ..gsa.utils import compute_dtype, default_scale
 
 DEFAULT_CHUNK = 16
 
@@ -61,11 +61,8 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
     dims = check_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
     dt = compute_dtype(q.dtype)
     scale = default_scale(scale, dims.K)
-    spans = sequence_spans(dims, cu_seqlens)
-    longest = max((end - start for _, start, end in spans), default=0)
     C = chunk_size
-    L = max(C, -(-longest // C) * C)
-    rows = [_to_padded_rows(x.to(dt), spans, L) for x in (q, k, v, g)]
+    rows, spans = padded_chunk_rows((q, k, v, g), dims, cu_seqlens, C, dt)
     S = rows[0].new_zeros(dims.N, dims.H, dims.K, dims.V) if initial_state is None else initial_state.to(dt)
     o, S = _chunked(*rows, scale, S, C)
     o = _from_padded_rows(o, spans, dims.B, dims.T).to(q.dtype)

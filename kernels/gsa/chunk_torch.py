@@ -29,6 +29,15 @@ def _to_padded_rows(x: torch.Tensor, spans, length: int) -> torch.Tensor:
     return out
 
 
+def padded_chunk_rows(xs, dims, cu_seqlens, chunk_size: int, dtype: torch.dtype):
+    """Each tensor of ``xs`` ([B, T, ...]) as one zero-padded row per sequence (``cu_seqlens``: packed
+    sequences), every row a whole number of chunks long, in ``dtype``; and the sequences' spans."""
+    spans = sequence_spans(dims, cu_seqlens)
+    longest = max((end - start for _, start, end in spans), default=0)
+    length = max(chunk_size, -(-longest // chunk_size) * chunk_size)
+    return [_to_padded_rows(x.to(dtype), spans, length) for x in xs], spans
+
+
 def _from_padded_rows(x: torch.Tensor, spans, B: int, T: int) -> torch.Tensor:
     """Inverse of :func:`_to_padded_rows` (drops the padding)."""
     if len(spans) == B and all(start == 0 and end == T for _, start, end in spans):
@@ -89,11 +98,8 @@ def chunk_gsa_torch(q, k, v, s, g, scale=None, initial_state=None, output_final_
     dims: GSADims = check_inputs(q, k, v, s, g, initial_state, cu_seqlens)
     dt = compute_dtype(q.dtype)
     scale = default_scale(scale, dims.K)
-    spans = sequence_spans(dims, cu_seqlens)
-    longest = max((end - start for _, start, end in spans), default=0)
     C = chunk_size
-    L = max(C, -(-longest // C) * C)
-    rows = [_to_padded_rows(x.to(dt), spans, L) for x in (q, k, v, s, g)]
+    rows, spans = padded_chunk_rows((q, k, v, s, g), dims, cu_seqlens, C, dt)
     if initial_state is None:
         hk = rows[0].new_zeros(dims.N, dims.H, dims.K, dims.M)
         hv = rows[0].new_zeros(dims.N, dims.H, dims.M, dims.V)

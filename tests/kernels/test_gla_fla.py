@@ -131,8 +131,8 @@ def test_gsa_backend_reaches_the_gla_operator(monkeypatch):
 def test_a_gla_model_on_fla_matches_its_torch_path(fla_kernels):
     """A converted gla model (GQA: 4 query heads, 2 kv heads) with gsa_backend='triton': the forward,
     a packed-documents forward (cu_seqlens) and token-by-token decoding equal the torch path's."""
-    from t2r.models import output_cache
-    from tests.test_mixers import mixer_model
+    from tests.conftest import decode_token_by_token
+    from tests.layers.test_gla import mixer_model
 
     torch_model, _ = mixer_model("gla")
     config = torch_model.config
@@ -149,10 +149,6 @@ def test_a_gla_model_on_fla_matches_its_torch_path(fla_kernels):
         for kw in ({}, {"cu_seqlens": cu}):
             a, b = fla_model(ids, **kw).logits, torch_model(ids, **kw).logits
             assert ((a - b).norm() / b.norm()) < TOL, kw
-        out = fla_model(ids[:, :7], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(7, 10):
-            out = fla_model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
         full = torch_model(ids[:, :10]).logits
-    assert ((torch.cat(steps, 1) - full).norm() / full.norm()) < TOL
+    decoded, _ = decode_token_by_token(fla_model, ids[:, :10], 7)
+    assert ((decoded - full).norm() / full.norm()) < TOL

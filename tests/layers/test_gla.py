@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from t2r.convert import ConversionOptions, convert
 from t2r.layers.gla import GatedLinearAttention
-from t2r.models import output_cache
-from tests.conftest import converted
+from tests.conftest import converted, decode_token_by_token
 from tests.kernels.gsa_inputs import rel_err
 
 CASES = {
@@ -76,12 +75,8 @@ def test_token_by_token_decoding_matches_parallel_forward(case):
     ids = torch.randint(2, 258, (2, 30))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :7], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(7, 30):
-            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
-    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+    decoded, cache = decode_token_by_token(model, ids, 7)
+    assert rel_err(decoded, full) < 1e-5
     assert cache.nbytes() == model.gsa_state_nbytes(batch_size=2) + sum(
         2 * 2 * 30 * 2 * 16 * 4 for i in range(4) if i not in model.config.gsa_layers)  # softmax layers' KV
 
@@ -178,13 +173,9 @@ def test_bf16_decoding_keeps_an_fp32_state_and_follows_the_parallel_forward():
     ids = torch.randint(2, 258, (2, 20))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :9], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(9, 20):
-            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
+    decoded, cache = decode_token_by_token(model, ids, 9)
     assert full.dtype == torch.bfloat16 and cache.gsa_state(0)[0].dtype == torch.float32
-    assert rel_err(torch.cat(steps, 1), full) < 2e-2
+    assert rel_err(decoded, full) < 2e-2
 
 
 def test_t2r_convert_mixer_flag(tmp_path, capsys):
@@ -237,6 +228,6 @@ def test_options_of_another_mixer_are_refused_in_one_line(tmp_path, capsys):
 
     from t2r.train.config import load_config
 
-    tiny = Path(__file__).parents[1] / "configs" / "tiny.yaml"  # GSA's recipe, 16 slots, switched to gla
+    tiny = Path(__file__).parents[2] / "configs" / "tiny.yaml"  # GSA's recipe, 16 slots, switched to gla
     with pytest.raises(T2RError, match=r"tiny.yaml: num_slots=16 \(--num-slots\): only mixer gsa"):
         load_config(tiny, ["model.conversion.mixer=gla"])

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from t2r import T2RCache, T2RForCausalLM
 from t2r.models import output_cache
-from tests.conftest import converted
+from tests.conftest import converted, decode_token_by_token
 from tests.kernels.gsa_inputs import rel_err
 
 FAMILIES = ["llama", "mistral", "qwen2"]
@@ -63,13 +63,9 @@ def test_token_by_token_decoding_matches_parallel_forward(case):
     ids = torch.randint(2, 258, (2, 40))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :7], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(7, 40):
-            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits)
+    decoded, cache = decode_token_by_token(model, ids, 7)
     assert isinstance(cache, T2RCache) and cache.get_seq_length() == 40
-    assert rel_err(torch.cat(steps, 1), full) < 1e-4
+    assert rel_err(decoded, full) < 1e-4
 
 
 @pytest.mark.parametrize("case", ["all-gsa", "hybrid", "rope-kept", "window", "window-hybrid"])
