@@ -95,7 +95,7 @@ def test_resume_refuses_a_changed_model_or_lora_and_keeps_the_run(tiny_run, tmp_
     shutil.copytree(tiny_run[0], out)
     before = RunFolder(out).config.read_text()
     r = run(finetune_cmd(out, "stages.1.lora.rank=8") + ["--resume"])
-    assert r.returncode == 2 and "stages.1.lora differs" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "stages.1.lora.rank differs" in r.stderr and "Traceback" not in r.stderr
     assert RunFolder(out).config.read_text() == before and latest_checkpoint(out).name == checkpoint_name(9)
 
 
