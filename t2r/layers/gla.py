@@ -44,6 +44,10 @@ from .rotary import apply_rotary
 GATE_INIT_RANGE = (5.0, 10.0)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def retnet_decays(heads: int) -> torch.Tensor:
     """log gamma_h of RetNet's fixed decays gamma_h = 1 - 2^(-5 - h), fp32 [heads]."""
     return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(heads, dtype=torch.float64))).float()
@@ -71,7 +75,7 @@ class GatedLinearAttention(GatedSlotAttention):
         self.num_slots = None
         self.gk_proj = LowRankGate(config.hidden_size, config.gate_rank, self.num_kv_heads * self.head_dim) \
             if self.mixer == "gla" else None
-        self.norm_activation = lambda x: x
+        self.norm_activation = _identity  # o_proj(RMSNorm(o)): no SiLU (module docstring)
 
     @torch.no_grad()
     def init_new_parameters(self, generator: torch.Generator | None = None, f_proj_init: str = "key") -> None:
