@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,10 +156,10 @@ def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"SmolLM2 finetune failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [m["tokens_per_s"] for m in rows if m.get("stage") == "finetune" and "tokens_per_s" in m][2:]
-    summary = json.loads((out / "run_summary.json").read_text())
-    return statistics.median(rates), summary.get("peak_gpu_memory_gib")
+    from t2r.train.run_folder import RunFolder
+
+    summary = json.loads(RunFolder(out).summary.read_text())  # the run's own median (first step left out)
+    return summary["train_tokens_per_s"]["finetune"], summary.get("peak_gpu_memory_gib")
 
 
 def fmt(x, spec=",.0f") -> str:
