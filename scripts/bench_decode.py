@@ -205,6 +205,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128)")
     p.add_argument("--windows", default=None, help="conversions to time, by window_size: 0 pure GSA, 64 the hybrid "
                    "(default 0,64)")
+    p.add_argument("--mixers", default="gsa", help="mixers to convert to, each at every --windows: gsa, gla, linear "
+                   "(default gsa)")
     p.add_argument("--skip-teacher", action="store_true", help="time only the converted models (no ratios)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model on the CPU at a tiny shape (a smoke test; "
                    "defaults tiny-random-llama, batches 1,2, prompts 16,40, 6 new tokens, windows 0,8)")
@@ -225,11 +227,13 @@ def main(argv=None):
     rows: list[dict] = []
     if not args.skip_teacher:
         measure("teacher", teacher, ["teacher"], args, device, rows)
-    for w in windows:
-        model = convert_model(copy.deepcopy(teacher), ConversionOptions(window_size=w, dtype=dtype)).eval()
-        name = f"gsa window {w}" if w else "gsa"
-        measure(name, model, ["t2r dynamic", "t2r static", "t2r static loop"], args, device, rows)
-        del model
+    for mixer in args.mixers.split(","):
+        for w in windows:
+            options = ConversionOptions(mixer=mixer, window_size=w, dtype=dtype)
+            model = convert_model(copy.deepcopy(teacher), options).eval()
+            name = f"{mixer} window {w}" if w else mixer
+            measure(name, model, ["t2r dynamic", "t2r static", "t2r static loop"], args, device, rows)
+            del model
     print(f"\n{args.model}, {dtype} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{args.new_tokens} new tokens per row; ratios to the teacher at the same batch and prompt\n")
     print(table(rows))

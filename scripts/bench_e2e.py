@@ -77,13 +77,15 @@ def with_lora(model, converted: bool):
     return get_peft_model(model, config)
 
 
-def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torch.device) -> tuple[float, float | None]:
-    """Tokens/s of full optimizer steps (forward, backward, AdamW) after two warm-up steps; peak GiB."""
+def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torch.device):
+    """Tokens/s of full optimizer steps (forward, backward, AdamW) after two warm-up steps; peak GiB; GiB
+    allocated before the first step."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     reset_peak(device)
+    held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     t0 = None
     for i in range(steps + 2):
         if i == 2:
@@ -97,7 +99,7 @@ def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torc
     sync(device)
     rate = batch * seq * steps / (time.perf_counter() - t0)
     del opt
-    return rate, peak_gib(device)
+    return rate, peak_gib(device), held
 
 
 @torch.no_grad()
@@ -118,6 +120,27 @@ def decode_rate(model, batch: int, prompt: int, new: int, vocab: int, device: to
     sync(device)
     total = time.perf_counter() - t0
     return prefill, batch * (new - 1) / max(total - prefill, 1e-9)
+
+
+@torch.no_grad()
+def static_rate(model, batch: int, prompt: int, new: int, vocab: int, device: torch.device) -> tuple[float, float]:
+    """t2r's static decoding (T2RStaticCache, a CUDA-graphed step, t2r.generation.static_generate): prefill
+    seconds and decode tokens/s, as decode_rate measures them."""
+    from t2r.generation import static_generate
+    from t2r.models import T2RStaticCache
+
+    model.eval()
+    cache = T2RStaticCache(model.config, batch, prompt + new)
+    ids = torch.randint(0, vocab, (batch, prompt), device=device)
+    static_generate(model, ids[:, :16], max_new_tokens=4, cache=cache)  # warm-up: graph captured
+    times = []
+    for n in (1, new):
+        sync(device)
+        t0 = time.perf_counter()
+        static_generate(model, ids, max_new_tokens=n, cache=cache)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times[0], batch * (new - 1) / max(times[1] - times[0], 1e-9)
 
 
 def convert_cost(teacher, workdir: Path) -> tuple[float, float, float]:
@@ -150,7 +173,9 @@ def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path)
     sets = {"model.source": gguf, "stages": stages, "eval.before": False, "eval.teacher": False,
             "eval.every_steps": 100000, "checkpoint.every_steps": 100000, "logging.progress_bar": False,
             "logging.tensorboard": False, "data.mix": [{"dataset": "python-stdlib"}], "data.seq_len": seq,
-            "batch.micro_batch_size": batch, "batch.grad_accum": 1}
+            "batch.micro_batch_size": batch, "batch.grad_accum": 1,
+            # the last two steps (after 2 transfer steps) under torch.profiler (OUTPUT/profile.txt); the median leaves them out
+            "logging.profile_steps": [steps + 1, steps + 2]}
     cmd = [sys.executable, "-m", "t2r.cli", "finetune", str(ROOT / "configs/smollm2-135m-gsa.yaml"), "--output-dir",
            str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -159,7 +184,8 @@ def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path)
     from t2r.train.run_folder import RunFolder
 
     summary = json.loads(RunFolder(out).summary.read_text())  # the run's own median (first step left out)
-    return summary["train_tokens_per_s"]["finetune"], summary.get("peak_gpu_memory_gib")
+    profile = (out / "profile.txt").read_text().splitlines()
+    return summary["train_tokens_per_s"]["finetune"], summary.get("peak_gpu_memory_gib"), profile
 
 
 def fmt(x, spec=",.0f") -> str:
@@ -207,6 +233,8 @@ def main() -> int:
             del model
         add(f"LoRA train tok/s, {b} x {s}", results[0][0], results[1][0])
         add(f"peak GPU GiB, LoRA train {b} x {s}", results[0][1], results[1][1], higher_is_better=False, spec=".1f")
+        add(f"  of which held before the first step (weights, adapters), {b} x {s}", results[0][2], results[1][2],
+            higher_is_better=False, spec=".1f")
 
     if not {"decode", "generate", "convert"} <= skip:
         teacher = teacher_model(shape, device, dtype)
@@ -216,10 +244,16 @@ def main() -> int:
             m_pre, m_rate = decode_rate(model, b, p, args.new_tokens, vocab, device)
             add(f"HF generate {b} x {p} prompt: decode tok/s", t_rate, m_rate)
             add(f"HF generate {b} x {p} prompt: prefill s", t_pre, m_pre, higher_is_better=False, spec=".3f")
+            s_pre, s_rate = static_rate(model, b, p, args.new_tokens, vocab, device)
+            add(f"{b} x {p} prompt, t2r static decoding: decode tok/s (teacher: HF generate)", t_rate, s_rate)
+            add(f"{b} x {p} prompt, t2r static decoding: prefill s", t_pre, s_pre, higher_is_better=False,
+                spec=".3f")
         if "generate" not in skip:
             _, t_rate = decode_rate(teacher, 1, 16, args.new_tokens, vocab, device)
             _, m_rate = decode_rate(model, 1, 16, args.new_tokens, vocab, device)
             add(f"generate, batch 1, {args.new_tokens} new tokens: tok/s", t_rate, m_rate)
+            _, s_rate = static_rate(model, 1, 16, args.new_tokens, vocab, device)
+            add(f"generate, batch 1, {args.new_tokens} new tokens, t2r static: tok/s", t_rate, s_rate)
         del model
         if "convert" not in skip:
             with tempfile.TemporaryDirectory() as tmp:
@@ -231,7 +265,7 @@ def main() -> int:
     if args.smollm2:
         with tempfile.TemporaryDirectory() as tmp:
             b, s = map(int, args.smollm2_shape.split("x"))
-            rate, peak = smollm2_finetune(args.smollm2, args.smollm2_steps, b, s, Path(tmp))
+            rate, peak, profile = smollm2_finetune(args.smollm2, args.smollm2_steps, b, s, Path(tmp))
         add(f"SmolLM2-135M finetune (LoRA + KL, {b} x {s}), median tok/s", None, rate)
         add("SmolLM2-135M finetune peak GPU GiB", None, peak, spec=".1f")
 
@@ -243,6 +277,9 @@ def main() -> int:
     print("| measure | teacher (softmax, SDPA) | t2r GSA | ratio (better > 1) |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    if args.smollm2:
+        print("\nSmolLM2-135M finetune, the two profiled steps (torch.profiler, top 25 by device time):\n")
+        print("\n".join(profile[:27]))
     return 0
 
 

@@ -71,6 +71,8 @@ ROWS = {
     "linear": ("mixer linear: linear attention with RetNet's fixed decay per kv head", dict(mixer="linear"), {}, {}),
     "gla-norm": ("gla + its per-head output norm (RMSNorm)", dict(mixer="gla", output_norm=True), {}, {}),
     "linear-norm": ("linear + its per-head output norm (SUPRA)", dict(mixer="linear", output_norm=True), {}, {}),
+    # GSA at the gla/linear mixers' state size: 2 x 32 slots x head dim = head dim x head dim per kv head
+    "slots32": ("GSA with 32 slots: the same state bytes as gla and linear", dict(num_slots=32), {}, {}),
 }
 
 
@@ -135,6 +137,8 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="launch nothing that cannot end by then")
     ap.add_argument("--generate", default="", help="rows to sample generations from")
     ap.add_argument("--max-documents", type=int, default=None, help="training corpus cut (smoke tests)")
+    ap.add_argument("--tasks", default="ppl", help="t2r eval tasks for every row and the teacher (ppl,mqar,passkey)")
+    ap.add_argument("--samples", type=int, default=3, help="contexts per mqar/passkey cell")
     ap.add_argument("--stdlib-only", action="store_true",
                     help="train every row on Python source only, as the first ablation sweep did")
     args = ap.parse_args()
@@ -190,7 +194,8 @@ def main() -> int:
                                cache)
             evaluated = RunFolder(folder).model if kind == "train" else folder / "converted"
             eval_cmd = py + ["eval", str(evaluated), "--seq-len", str(args.seq_len), "--max-rows",
-                             str(args.eval_rows), "--branches", "--out", str(folder / "eval.json")]
+                             str(args.eval_rows), "--branches", "--tasks", args.tasks, "--samples", str(args.samples),
+                             "--out", str(folder / "eval.json")]
             if kind == "train":
                 train = py + ["finetune", str(CONFIG), "--output-dir", str(folder)] + [a for s in ov for a in
                                                                                         ("--set", s)]
@@ -207,7 +212,8 @@ def main() -> int:
         time.sleep(2)
     # the teacher on the same rows
     teacher = subprocess.run(py + ["eval", args.model, "--seq-len", str(args.seq_len), "--max-rows",
-                                   str(args.eval_rows), "--out", str(out / "teacher_eval.json")],
+                                   str(args.eval_rows), "--tasks", args.tasks, "--samples", str(args.samples),
+                                   "--out", str(out / "teacher_eval.json")],
                              capture_output=True, text=True, cwd=ROOT,
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[0]})
     if teacher.returncode:
@@ -267,7 +273,8 @@ def summarize(out: Path, rows: list, untrained: list) -> str:
             lines.append(f"| {label if kind == 'train' else label + ' (untrained)'} | {ROWS[name][0]} | "
                          "did not finish | | | | | | |")
             continue
-        e = json.loads(ev.read_text())["corpora"]
+        full_eval = json.loads(ev.read_text())
+        e = full_eval["corpora"]
         s = json.loads(summary.read_text()) if summary.is_file() else {}
 
         def cell(variant, c):
@@ -286,9 +293,32 @@ def summarize(out: Path, rows: list, untrained: list) -> str:
                      f"{cell('model', 'english-prose')} | {cell('gsa_only', 'python-stdlib')} / "
                      f"{cell('gsa_only', 'english-prose')} | {cell('window_only', 'python-stdlib')} / "
                      f"{cell('window_only', 'english-prose')} | {terr} | {tps} |")
-        results["rows"][label] = {"eval": e, "summary": s}
+        results["rows"][label] = {"eval": e, "eval_recall": full_eval.get("recall", {}), "summary": s}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    return "\n".join(lines)
+    return "\n".join(lines + recall_tables(out, results))
+
+
+def recall_tables(out: Path, results: dict) -> list[str]:
+    """One grid per recall task (mqar, passkey): a line per cell, the teacher's accuracy and each row's."""
+    teacher_file = out / "teacher_eval.json"
+    teacher = json.loads(teacher_file.read_text()).get("recall", {}) if teacher_file.is_file() else {}
+    rows = {label: r["eval_recall"] for label, r in results["rows"].items() if r.get("eval_recall")}
+    lines = []
+    for task in ("mqar", "passkey"):
+        cells = list(teacher.get(task, {})) or next((list(g[task]) for g in rows.values() if task in g), [])
+        if not cells:
+            continue
+        labels = [label for label, g in rows.items() if task in g]
+        lines += ["", f"| {task} (accuracy) | teacher | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+        for cell in cells + ["mean"]:
+            def acc(grid):
+                if cell == "mean":
+                    vals = [v["model"] for v in grid.values() if "model" in v]
+                    return f"{sum(vals) / len(vals):.0%}" if vals else "-"
+                return f"{grid[cell]['model']:.0%}" if "model" in grid.get(cell, {}) else "-"
+            lines.append(f"| {cell} | {acc(teacher.get(task, {}))} | " + " | ".join(acc(rows[l][task]) for l in labels)
+                         + " |")
+    return lines
 
 
 if __name__ == "__main__":

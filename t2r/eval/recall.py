@@ -103,4 +103,5 @@ def recall_grid(model, tokenizer, task: str, cells: list[tuple], samples: int, d
 
 
 MQAR_CELLS = [(4, 0), (16, 0), (64, 0), (16, 512), (16, 2048)]
-PASSKEY_CELLS = [(n, d) for n in (256, 1024, 4096) for d in (0.0, 0.5, 1.0)]
+# up to 8k: SmolLM2's own context, four times the shipped recipes' training length
+PASSKEY_CELLS = [(n, d) for n in (256, 1024, 4096, 8192) for d in (0.0, 0.5, 1.0)]

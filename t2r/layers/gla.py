@@ -48,9 +48,10 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def retnet_decays(heads: int) -> torch.Tensor:
-    """log gamma_h of RetNet's fixed decays gamma_h = 1 - 2^(-5 - h), fp32 [heads]."""
-    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(heads, dtype=torch.float64))).float()
+def retnet_decays(heads: int, device=None) -> torch.Tensor:
+    """log gamma_h of RetNet's fixed decays gamma_h = 1 - 2^(-5 - h), fp32 [heads], made on ``device``
+    (no host-to-device copy: a decoding step captured as a CUDA graph may not make one)."""
+    return torch.log1p(-torch.exp2(-5.0 - torch.arange(heads, dtype=torch.float32, device=device)))
 
 
 class LowRankGate(nn.Module):
@@ -101,7 +102,7 @@ class GatedLinearAttention(GatedSlotAttention):
             return F.logsigmoid(self.gk_proj(x).float()).view(shape) / self.tau
         if self.config.linear_decay == "none":
             return x.new_zeros(shape, dtype=torch.float32)
-        return retnet_decays(self.num_kv_heads).to(x.device)[:, None].expand(shape)
+        return retnet_decays(self.num_kv_heads, x.device)[:, None].expand(shape)
 
     def gsa_inputs(self, x: torch.Tensor, ctx: AttentionContext):
         """(q, k, v, s, g) for the operator: q [B, T, HQ, D], k, v and g [B, T, H, D], s [B, T, H, 1]

@@ -11,6 +11,8 @@ afterwards (weights swapped, ``window_branches``) needs a new cache.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -52,7 +54,13 @@ def run_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
             with torch.cuda.stream(side):
                 logits = model.decode_step(input_ids, cache)
             torch.cuda.current_stream().wait_stream(side)
-            cache.graphs[key] = StepGraph(model, cache, input_ids)
+            try:
+                cache.graphs[key] = StepGraph(model, cache, input_ids)
+            except RuntimeError as e:  # an operation a graph cannot hold: decode on, eagerly
+                cache.cuda_graph = False
+                warnings.warn(f"t2r: the decoding step could not be captured as a CUDA graph ({str(e)[:300]}); "
+                              "this cache decodes without graphs from here on (slower). Please report it with the "
+                              "model's config.json.", RuntimeWarning, stacklevel=2)
         else:
             logits = graph(input_ids)
     cache.seen_tokens += 1

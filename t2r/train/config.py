@@ -189,6 +189,16 @@ class LoggingConfig(Strict):
         "auto", description="log to Weights & Biases too; auto: when wandb is installed and WANDB_API_KEY or "
         "WANDB_MODE is set")
     progress_bar: bool = True
+    profile_steps: list[int] | None = Field(
+        None, min_length=2, max_length=2, description="[FIRST, LAST]: profile optimizer steps FIRST..LAST (from 1) "
+        "with torch.profiler and write OUTPUT/profile.txt, the operators and kernels by device time")
+
+    @model_validator(mode="after")
+    def _profile_range(self):
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ValueError(f"logging.profile_steps {self.profile_steps}: give [FIRST, LAST] with 1 <= FIRST <= LAST, "
+                             "e.g. [5, 7] (skip the first steps, which compile kernels)")
+        return self
 
 
 class RunConfig(Strict):

@@ -33,6 +33,7 @@ from .lock import run_lock
 from .losses import resolve_fused
 from .model_folders import link_checkpoint_model, merged_from_folders, save_adapter, save_model_folder
 from .precision import Precision, mixed_precision
+from .profiling import StepProfiler
 from .run_folder import ACCELERATE_STATE, ADAPTER, MODEL, RunFolder
 from .stages import add_lora, count_targets, frozen_teacher, load_model, run_lora_config, stage_loss_sum
 from .tracking import MetricsFile, tracker_config, trackers
@@ -129,6 +130,7 @@ class Run:
                 self.metrics.trim(self.state.step)  # the steps the checkpoint does not hold are done again
             self._main_log(f"resuming from {self.resumed_from.name} (step {self.state.step})")
         previous = self._signals()
+        self.profiler = StepProfiler(cfg.logging.profile_steps, self.out, acc.is_main_process)
         bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not (acc.is_main_process and
                    cfg.logging.progress_bar), desc="t2r finetune", dynamic_ncols=True)
         try:
@@ -147,8 +149,10 @@ class Run:
         cfg = self.config
         self._enter_stage(stage)
         while self.state.stage_step < stage.steps:
+            self.profiler.before(self.state.step + 1)
             started, tokens_before = time.time(), self.state.tokens_seen
             stats = self.train_step(stage, self.optimizer)
+            self.profiler.after(self.state.step)
             bar.update(1)
             self._log_step(stats, stage, self.state.tokens_seen - tokens_before, time.time() - started, bar)
             if self.state.step % cfg.eval.every_steps == 0 and self.state.stage_step < stage.steps:

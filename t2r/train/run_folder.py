@@ -12,6 +12,7 @@ OUTPUT/
     step-NNNNNNN/       accelerate/ (model, optimizer, RNG), trainer_state.json, and
                         model/ or adapter/ (what ``t2r export`` takes from a checkpoint)
     latest              the name of the newest complete checkpoint
+  profile.txt           with logging.profile_steps: where the profiled steps' time went
   logs/                 the trackers' files (TensorBoard)
   cache/                the tokenized data (unless data.cache_dir)
   .lock                 the pid of the run writing here

@@ -6,7 +6,7 @@ import re
 
 from t2r.cli import main
 from t2r.convert import ConversionOptions, convert
-from t2r.eval.recall import mqar_example, passkey_example
+from t2r.eval.recall import PASSKEY_CELLS, mqar_example, passkey_example
 from t2r.tiny import byte_level_tokenizer
 
 
@@ -22,7 +22,7 @@ def test_softmax_only_conversion_scores_exactly_as_its_teacher(tmp_path, capsys)
     assert set(result["corpora"]) == {"python-stdlib", "english-prose"}
     for e in result["corpora"].values():
         assert e["tokens"] == 2 * 127 and e["model"] == e["teacher"] and e["ratio"] == 1.0
-    assert len(result["recall"]["mqar"]) == 5 and len(result["recall"]["passkey"]) == 9
+    assert len(result["recall"]["mqar"]) == 5 and len(result["recall"]["passkey"]) == len(PASSKEY_CELLS)
     for grid in result["recall"].values():
         for cell in grid.values():
             assert cell["model"] == cell["teacher"]

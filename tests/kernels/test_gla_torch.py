@@ -34,7 +34,8 @@ def _grads(fn, inputs, h0, seed=1):
     h0 = h0.detach().clone().requires_grad_()
     o, S = fn(*leaves, initial_state=h0, output_final_state=True)
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((t.double() * torch.randn(t.shape, generator=gen, dtype=torch.float64)).sum() for t in (o, S))
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device) for t in (o, S)]
+    loss = sum((t.double() * w).sum() for t, w in zip((o, S), weights))
     loss.backward()
     return [o, S] + [x.grad for x in leaves] + [h0.grad]
 

@@ -168,3 +168,39 @@ def test_t2r_generate_prints_the_same_text_on_a_static_cache(capsys):
                      "--static", static]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_graph_steps_make_the_dynamic_tokens(case):
+    """On a GPU: each step a replayed CUDA graph (the Triton kernels on CUDA), against the eager dynamic path."""
+    _, model, _ = converted(**CASES[case])
+    model = model.cuda()
+    ids, mask = (t.cuda() for t in _left_padded())
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_scores=True, return_dict_in_generate=True)
+    dynamic = model.generate(ids, attention_mask=mask, **kw)
+    static = model.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
+    assert output_cache(static).graphs  # the steps were graphed
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert rel_err(torch.stack(static.scores), torch.stack(dynamic.scores)) < 1e-4
+    loop = static_generate(model, ids, attention_mask=mask, max_new_tokens=24)
+    assert torch.equal(loop, dynamic.sequences[:, ids.shape[1]:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_step_a_graph_cannot_hold_decodes_on_eagerly_with_a_warning(monkeypatch):
+    _, model, _ = converted(**CASES["all-gsa"])
+    model = model.cuda()
+    ids, mask = (t.cuda() for t in _left_padded())
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    dynamic = model.generate(ids, attention_mask=mask, **kw)
+    step = model.decode_step
+
+    def with_host_copy(input_ids, cache):  # a host-to-device copy: not allowed while a graph records
+        return step(input_ids + torch.zeros(1, dtype=input_ids.dtype).to(input_ids.device), cache)
+
+    monkeypatch.setattr(model, "decode_step", with_host_copy)
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
+        static = model.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)

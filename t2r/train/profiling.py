@@ -1,0 +1,62 @@
+"""``logging.profile_steps: [FIRST, LAST]``: where a run's step time goes, as torch.profiler sees it.
+
+Optimizer steps FIRST..LAST (counted over the whole run, from 1) run under torch.profiler (CPU, and the
+GPU where there is one); when LAST ends, the main process writes OUTPUT/profile.txt: the operators and
+kernels sorted by their total device time (CPU time on a CPU), the share of each, and the wall time per
+profiled step. Profiling slows the profiled steps; their throughput in metrics.jsonl is not the run's.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+PROFILE = "profile.txt"
+ROWS = 40
+
+
+class StepProfiler:
+    """Start before step FIRST, stop and write after step LAST; a no-op when ``steps`` is None."""
+
+    def __init__(self, steps: list[int] | None, out: Path, main_process: bool):
+        self.first, self.last = (steps or (0, -1))
+        self.out, self.main_process = out / PROFILE, main_process
+        self.prof = None
+
+    def before(self, step: int) -> None:
+        """``step``: the number the coming optimizer step will have."""
+        if step == self.first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.started = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if self.prof is None or step < self.last:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - self.started) / (self.last - self.first + 1)
+        self.prof.__exit__(None, None, None)
+        if self.main_process:
+            self.out.write_text(report(self.prof, self.first, self.last, wall))
+        self.prof = None
+
+
+def report(prof, first: int, last: int, wall_per_step: float) -> str:
+    events = prof.key_averages()
+    on_device = any(e.device_time_total > 0 for e in events)
+    total = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    rows = sorted(events, key=total, reverse=True)
+    whole = sum(total(e) for e in rows) or 1
+    n = last - first + 1
+    where = "device (GPU)" if on_device else "CPU"
+    lines = [f"steps {first}..{last} ({n}): {wall_per_step * 1e3:.1f} ms wall per step, "
+             f"{whole / n / 1e3:.1f} ms of {where} self time per step",
+             f"{'share':>6} {'ms/step':>9} {'calls/step':>10}  name"]
+    for e in rows[:ROWS]:
+        lines.append(f"{total(e) / whole:6.1%} {total(e) / n / 1e3:9.2f} {e.count / n:10.1f}  {e.key}")
+    return "\n".join(lines) + "\n"

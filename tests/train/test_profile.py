@@ -1,0 +1,28 @@
+"""logging.profile_steps: a run writes OUTPUT/profile.txt for the steps asked for, and bad ranges are refused."""
+import pytest
+
+from t2r.errors import T2RError
+from t2r.train.config import load_config
+from t2r.train.run_folder import RunFolder
+from tests.train.runs import TINY, finetune_cmd, metrics, run
+
+
+def test_profiled_steps_are_written_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "run"
+    r = run(finetune_cmd(out, "stages.0.steps=2", "stages.1.steps=2", "logging.tensorboard=false",
+                         "logging.profile_steps=[2, 3]", "checkpoint.every_steps=100"))
+    assert r.returncode == 0, r.stderr
+    report = (out / "profile.txt").read_text().splitlines()
+    assert report[0].startswith("steps 2..3 (2): ") and "ms wall per step" in report[0]
+    ops = [line.split(None, 3)[3] for line in report[2:]]
+    assert len(ops) >= 10 and any(op.startswith("aten::") for op in ops)  # what the forward and backward ran
+    shares = [float(line.split()[0].rstrip("%")) for line in report[2:]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # every step ran, the last after the profile ended
+    assert RunFolder(out).model.is_dir()
+
+
+@pytest.mark.parametrize("steps", ["[3, 2]", "[0, 1]", "[4]"])
+def test_a_bad_range_is_refused_before_the_run(steps):
+    with pytest.raises(T2RError, match="profile_steps"):
+        load_config(TINY, [f"logging.profile_steps={steps}"])
