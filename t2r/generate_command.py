@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help=LOADING_HELP)
-    p.add_argument("--static", default="off", choices=["auto", "on", "off"],
+    p.add_argument("--static", default="auto", choices=["auto", "on", "off"],
                    help="decode on a static cache: buffers allocated once, each step a CUDA graph on CUDA "
                         "(auto: on CUDA, for t2r models; default %(default)s)")
     p.set_defaults(func=run)

@@ -91,7 +91,7 @@ def use_static_cache(model, static: bool | None) -> bool:
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool | None = None,
-                  temperature: float = 0.0, stream: bool = True, static: bool | None = False) -> tuple[str, dict]:
+                  temperature: float = 0.0, stream: bool = True, static: bool | None = None) -> tuple[str, dict]:
     """Greedy (temperature 0) or sampled completion of ``prompt``; printed as it is made when ``stream``.
     ``static``: decode on a static cache (each step a CUDA graph on CUDA; None: on CUDA), through
     transformers' generate either way (the same sampling options).

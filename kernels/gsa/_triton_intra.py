@@ -14,8 +14,12 @@ rounding noise far above the true gradient when the forget gates are near 0.
 
 Two exact evaluations, chosen per (chunk, kv head) at run time:
 
-* factored: D = exp(b_t) * exp(-b_i), one tensor-core product. Used only when every |b| in the
-  chunk is <= THRESH, so exp(-b) <= e^THRESH cannot overflow (and nothing is multiplied by inf).
+* factored: D = exp(b_t - r) * exp(r - b_i), one tensor-core product, with r = b at the chunk's
+  middle token (row C/2 - 1) per slot. Used only when every |b - r| in the chunk is <= THRESH, so
+  neither factor can overflow (and nothing is multiplied by inf). Taking r in the middle rather than
+  at the chunk start lets a chunk decay by up to 2 * THRESH in total and stay factored: on a fresh
+  SmolLM2 conversion that sends 7% of the (chunk, kv head) blocks pairwise instead of 44%
+  (scripts/gate_regimes.py).
 * pairwise: a loop over the C key positions with exp(min(b_t - b_j, 0)) masked to i <= t. Exact
   for any gates (e.g. g = -30 per step, forget gates near 0); slower, taken only for such chunks.
 """
@@ -56,16 +60,30 @@ def vcumsum(x, REVERSE: tl.constexpr):
 
 @triton.jit
 def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, THR: tl.constexpr):
-    """Load g [C, BM] of one chunk and kv head; return b = cumsum(g), b at the chunk end,
-    exp(b), exp(-b) (clamped, used only when safe) and the run-time flag `safe`."""
+    """Load g [C, BM] of one chunk and kv head; return b = cumsum(g), b at the chunk end, exp(b)
+    (the decay from the chunk start, <= 1), exp(r - b) (the factored operand's, clamped, used only
+    when safe; r: b at the middle row) and the run-time flag `safe`."""
     gg = tl.load(g_ptr + base + o_t[:, None] * row_stride + o_m[None, :],
                  mask=m_t[:, None] & m_m[None, :], other=0.).to(tl.float32)
     b = vcumsum(gg, False)
     b_end = vsum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
-    safe = vmax(vmax(tl.abs(b), 1), 0) <= THR
+    d = b - middle_row(b, o_t, C)[None, :]
+    safe = vmax(vmax(tl.abs(d), 1), 0) <= THR
     eb = tl.exp(tl.minimum(b, THR))
-    enb = tl.exp(tl.minimum(-b, THR))
+    enb = tl.exp(tl.minimum(-d, THR))
     return b, b_end, eb, enb, safe
+
+
+@triton.jit
+def middle_row(b, o, C: tl.constexpr):
+    """b at row C/2 - 1, the factored form's reference r, as [BM]."""
+    return vsum(tl.where(o[:, None] == C // 2 - 1, b, 0.), 0)
+
+
+@triton.jit
+def rel_exp(b, C: tl.constexpr):
+    """exp(b - r) [C, BM] (safe chunks only: |b - r| <= THRESH)."""
+    return tl.exp(b - middle_row(b, tl.arange(0, C), C)[None, :])
 
 
 @triton.jit
@@ -91,12 +109,13 @@ def diag(X, C: tl.constexpr):
 def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Y[t, m] = sum_{i<t} X[t, i] F[i, m] exp(b[t, m] - b[i, m]).
 
-    X [C, C] fp32, F [C, BM] fp32, Fn = (F * exp(-b)) in DT (factored operand), b/eb [C, BM].
+    X [C, C] fp32, F [C, BM] fp32, Fn = (F * exp(r - b)) in DT (factored operand), b [C, BM]; eb unused
+    (kept for the callers' uniform signature).
     """
     o = tl.arange(0, C)
     Xc = tl.where(o[:, None] > o[None, :], X, 0.)
     if safe:
-        Y = eb * tl.dot(Xc.to(DT), Fn, input_precision=PREC)
+        Y = rel_exp(b, C) * tl.dot(Xc.to(DT), Fn, input_precision=PREC)
     else:
         Y = tl.full(F.shape, 0., tl.float32)
         for j in range(C):
@@ -109,11 +128,12 @@ def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.const
 
 @triton.jit
 def op1t(X, F, b, eb, enb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Y[i, m] = sum_{t>i} X[t, i] F[t, m] exp(b[t, m] - b[i, m]).  X [C, C], F [C, BM] fp32."""
+    """Y[i, m] = sum_{t>i} X[t, i] F[t, m] exp(b[t, m] - b[i, m]).  X [C, C], F [C, BM] fp32;
+    enb = exp(r - b) (chunk_gates), eb unused."""
     o = tl.arange(0, C)
     Xc = tl.where(o[:, None] > o[None, :], X, 0.)
     if safe:
-        Y = enb * tl.dot(tl.trans(Xc).to(DT), (F * eb).to(DT), input_precision=PREC)
+        Y = enb * tl.dot(tl.trans(Xc).to(DT), (F * rel_exp(b, C)).to(DT), input_precision=PREC)
     else:
         Y = tl.full(F.shape, 0., tl.float32)
         for j in range(C):
@@ -128,12 +148,12 @@ def op1t(X, F, b, eb, enb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.con
 def op2(P, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """X[t, i] = sum_m P[t, m] F[i, m] exp(b[t, m] - b[i, m]) for i <= t, else 0.
 
-    P, F [C, BM] fp32; Fn = (F * exp(-b)) in DT. Returns [C, C] fp32.
+    P, F [C, BM] fp32; Fn = (F * exp(r - b)) in DT; eb unused. Returns [C, C] fp32.
     """
     o = tl.arange(0, C)
     causal = o[:, None] >= o[None, :]
     if safe:
-        X = tl.dot((P * eb).to(DT), tl.trans(Fn), input_precision=PREC)
+        X = tl.dot((P * rel_exp(b, C)).to(DT), tl.trans(Fn), input_precision=PREC)
         X = tl.where(causal, X, 0.)
     else:
         X = tl.full([C, C], 0., tl.float32)

@@ -117,3 +117,17 @@ def sequence_spans(dims: GSADims, cu_seqlens) -> list[tuple[int, int, int]]:
         return [(b, 0, dims.T) for b in range(dims.B)]
     bounds = cu_seqlens.tolist()
     return [(0, bounds[n], bounds[n + 1]) for n in range(dims.N)]
+
+
+def factored_chunks(g: torch.Tensor, chunk: int = 64, thresh: float = 40.0) -> torch.Tensor:
+    """Which (row, chunk, kv head) blocks of log gates g [B, T, H, M] the chunked Triton kernels evaluate
+    in the factored form (True) rather than pairwise: every |b - r| <= thresh, b the cumulative log gate
+    from the chunk start and r its value at the chunk's middle row (``_triton_intra.chunk_gates``; a
+    last, partial chunk is padded with g = 0 as the kernels load it). Returns bool [B, chunks, H]."""
+    B, T, H, M = g.shape
+    n = -(-T // chunk)
+    padded = torch.zeros(B, n * chunk, H, M, dtype=torch.float32, device=g.device)
+    padded[:, :T] = g.float()
+    b = padded.view(B, n, chunk, H, M).cumsum(2)
+    d = b - b[:, :, chunk // 2 - 1: chunk // 2]
+    return d.abs().amax(dim=(2, 4)) <= thresh

@@ -1,9 +1,8 @@
 """``logging.profile_steps: [FIRST, LAST]``: where a run's step time goes, as torch.profiler sees it.
 
 Optimizer steps FIRST..LAST (counted over the whole run, from 1) run under torch.profiler (CPU, and the
-GPU where there is one); when LAST ends, the main process writes OUTPUT/profile.txt: the operators and
-kernels sorted by their total device time (CPU time on a CPU), the share of each, and the wall time per
-profiled step. Profiling slows the profiled steps; their throughput in metrics.jsonl is not the run's.
+GPU where there is one); when LAST ends, the main process writes OUTPUT/profile.txt: on a GPU the kernels,
+on a CPU the operators, sorted by their time, the share of each, and the wall time per profiled step. Profiling slows the profiled steps; their throughput in metrics.jsonl is not the run's.
 """
 from __future__ import annotations
 
@@ -47,16 +46,22 @@ class StepProfiler:
 
 
 def report(prof, first: int, last: int, wall_per_step: float) -> str:
+    """On a GPU, the kernels alone (an operator's device time is its kernels' time: listing both would
+    count it twice); on a CPU, the operators' self time."""
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
-    on_device = any(e.device_time_total > 0 for e in events)
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]
+    on_device = bool(kernels)
     total = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
-    rows = sorted(events, key=total, reverse=True)
+    rows = sorted(kernels if on_device else events, key=total, reverse=True)
     whole = sum(total(e) for e in rows) or 1
     n = last - first + 1
-    where = "device (GPU)" if on_device else "CPU"
+    where = "GPU kernel" if on_device else "CPU"
     lines = [f"steps {first}..{last} ({n}): {wall_per_step * 1e3:.1f} ms wall per step, "
              f"{whole / n / 1e3:.1f} ms of {where} self time per step",
              f"{'share':>6} {'ms/step':>9} {'calls/step':>10}  name"]
     for e in rows[:ROWS]:
-        lines.append(f"{total(e) / whole:6.1%} {total(e) / n / 1e3:9.2f} {e.count / n:10.1f}  {e.key}")
+        name = e.key if len(e.key) <= 110 else e.key[:107] + "..."
+        lines.append(f"{total(e) / whole:6.1%} {total(e) / n / 1e3:9.2f} {e.count / n:10.1f}  {name}")
     return "\n".join(lines) + "\n"

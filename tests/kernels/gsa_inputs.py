@@ -10,7 +10,8 @@ def make_inputs(B, T, HQ, H, K=8, V=8, M=6, dtype=torch.float32, gate="normal", 
     """q, k, v, s, g (+ optional fp32 initial state for N sequences) like the GSA layer makes them.
 
     gate: 'normal' (alpha around 0.9, s = 1 - alpha as in the layer), 'near0' (alpha ~ 1e-13:
-    g ~ -30 per step, forgets at once), 'near1' (alpha ~ 1 - 1e-6: g ~ -1e-6, never forgets).
+    g ~ -30 per step, forgets at once), 'near1' (alpha ~ 1 - 1e-6: g ~ -1e-6, never forgets), 'strong'
+    (g ~ -1 per step: what converted models' fast-forgetting slots do).
     With extreme gates s is drawn on its own: tied to alpha it would make every slot equal.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -26,6 +27,8 @@ def make_inputs(B, T, HQ, H, K=8, V=8, M=6, dtype=torch.float32, gate="normal", 
         g = -30.0 + 0.1 * logits.tanh()
     elif gate == "near1":
         g = -1e-6 * torch.sigmoid(logits)
+    elif gate == "strong":  # alpha ~ 0.37: a chunk of 64 decays by ~e^-64, past THRESH from its start
+        g = -1.0 + 0.2 * logits.tanh()
     else:
         raise ValueError(gate)
     s = -torch.expm1(g) if gate == "normal" else torch.sigmoid(rnd(B, T, H, M))

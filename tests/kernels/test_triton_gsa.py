@@ -11,6 +11,7 @@ import torch
 
 from t2r.kernels.gsa import chunk_gsa, fused_recurrent_gsa, naive_recurrent_gsa
 from t2r.kernels.gsa.chunk_torch import chunk_gsa_torch
+from t2r.kernels.gsa.utils import factored_chunks
 from tests.kernels.gsa_inputs import make_inputs, rel_err
 from tests.kernels.triton_interp import CUDA, DEVICE, poisoned_outputs, triton_interpreter
 
@@ -82,6 +83,19 @@ def test_chunk_extreme_gates(gate, dtype):
         normal = make_inputs(1, 130, 4, 2, K=16, V=16, M=16, dtype=dtype, seed=4, device=DEVICE)
         inputs[4] = torch.cat([inputs[4][..., :8], normal[4][..., 8:]], -1)
         inputs[3] = torch.cat([inputs[3][..., :8], normal[3][..., 8:]], -1)
+    out = run_with_grads(triton_chunk, inputs, h0, poison=True)
+    assert_close(out, reference(inputs, h0), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_strong_gates_take_the_factored_form_and_stay_exact(dtype):
+    """g ~ -1 per step (converted models' fast-forgetting slots): each chunk decays by ~e^-64, past
+    THRESH from its start but within it on both sides of its middle, where the factored form is taken."""
+    *inputs, h0 = make_inputs(1, 130, 4, 2, K=16, V=16, M=16, dtype=dtype, gate="strong", initial_state=True,
+                              seed=6, device=DEVICE)
+    b = inputs[4].double().cpu()[:, :128].reshape(1, 2, 64, 2, 16).cumsum(2)
+    assert (b.abs().amax(dim=(2, 4)) > 40).all()  # from the chunk start: past THRESH
+    assert factored_chunks(inputs[4].cpu()).all()  # from the middle: within it
     out = run_with_grads(triton_chunk, inputs, h0, poison=True)
     assert_close(out, reference(inputs, h0), TOL[dtype])
 

@@ -1,0 +1,88 @@
+"""How often a model's GSA gates send the Triton kernels down their slow exact path, on real text.
+
+Inside a chunk of 64 tokens the kernels evaluate the decays exp(b_t - b_i) (b: the cumulative log
+forget gate from the chunk start) in a factored form, one tensor-core product, only when every |b - r|
+of the chunk and kv head stays within THRESH, r being b at the chunk's middle row
+(kernels/gsa/_triton_intra.py, kernels/gsa/utils.py:factored_chunks); otherwise they loop over the
+chunk's key positions (pairwise), which is exact for any gate and several times slower. Random gates
+(the kernel benchmarks) stay factored; converted models' gates may not. This prints, per layer, the share
+of (row, chunk, kv head) blocks that go pairwise, and the gates' mean log value.
+
+    python scripts/gate_regimes.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # fresh conversion
+    python scripts/gate_regimes.py --model OUTPUT/model                              # a trained one
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from t2r.kernels.gsa._triton_intra import THRESH  # noqa: E402
+from t2r.kernels.gsa.utils import factored_chunks  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a t2r folder or run output, or a teacher (converted with "
+                    "configs/smollm2-135m-gsa.yaml's conversion)")
+    ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=64)
+    args = ap.parse_args(argv)
+    import yaml
+
+    from t2r.convert import ConversionOptions, convert_model, load_teacher
+    from t2r.eval.command import eval_rows, load_model_any
+    from t2r.hub import resolve_model
+    from t2r.layers.gsa import GatedSlotAttention
+
+    folder = args.model if os.path.isdir(os.path.join(args.model, "model")) else args.model  # a run's OUTPUT
+    config = os.path.join(folder, "config.json")
+    if os.path.isfile(config) and '"t2r"' in open(config).read() or os.path.isdir(os.path.join(folder, "model")):
+        model, tokenizer = load_model_any(args.model, torch.device("cpu"), "fp32")
+    else:
+        conv = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                "smollm2-135m-gsa.yaml")))["model"]["conversion"]
+        teacher, tokenizer = load_teacher(resolve_model(args.model), "fp32")
+        model = convert_model(teacher, ConversionOptions(**conv, dtype="fp32"))
+    model.eval()
+    gates = {}
+
+    def keep(layer):
+        inputs = layer.gsa_inputs
+
+        def wrapped(x, ctx):
+            out = inputs(x, ctx)
+            gates.setdefault(layer.layer_idx, []).append(out[0][4].float())  # g [B, T, H, M]
+            return out
+        layer.gsa_inputs = wrapped
+
+    for m in model.modules():
+        if isinstance(m, GatedSlotAttention):
+            keep(m)
+    rows = eval_rows("python-stdlib", tokenizer, args.seq_len, args.rows)
+    with torch.no_grad():
+        for r in rows:
+            model(torch.tensor([r["input_ids"]]), use_cache=False)
+    C = args.chunk
+    print(f"{args.model}: {len(rows)} rows x {args.seq_len} tokens of held-out stdlib text, chunk {C}, "
+          f"THRESH {THRESH:g}\n")
+    print("| layer | pairwise blocks | mean log gate | lowest cumulative log gate in a chunk |\n|---|---|---|---|")
+    shares = []
+    for i, gs in sorted(gates.items()):
+        g = torch.cat(gs)  # [R, T, H, M]
+        share = 1 - factored_chunks(g, C, THRESH).float().mean().item()
+        shares.append(share)
+        R, T, H, M = g.shape
+        low = g[:, : T - T % C].reshape(R, T // C, C, H, M).cumsum(2).amin().item()
+        print(f"| {i} | {share:.0%} | {g.mean().item():.3f} | {low:.1f} |")
+    print(f"\nall layers: {sum(shares) / len(shares):.0%} of blocks pairwise")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
