@@ -184,7 +184,7 @@ def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path)
     from t2r.train.run_folder import RunFolder
 
     summary = json.loads(RunFolder(out).summary.read_text())  # the run's own median (first step left out)
-    profile = (out / "profile.txt").read_text().splitlines()
+    profile = RunFolder(out).profile.read_text().splitlines()
     return summary["train_tokens_per_s"]["finetune"], summary.get("peak_gpu_memory_gib"), profile
 
 

@@ -130,7 +130,7 @@ class Run:
                 self.metrics.trim(self.state.step)  # the steps the checkpoint does not hold are done again
             self._main_log(f"resuming from {self.resumed_from.name} (step {self.state.step})")
         previous = self._signals()
-        self.profiler = StepProfiler(cfg.logging.profile_steps, self.out, acc.is_main_process)
+        self.profiler = StepProfiler(cfg.logging.profile_steps, self.folder.profile, acc.is_main_process)
         bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=not (acc.is_main_process and
                    cfg.logging.progress_bar), desc="t2r finetune", dynamic_ncols=True)
         try:

@@ -1,8 +1,9 @@
 """``logging.profile_steps: [FIRST, LAST]``: where a run's step time goes, as torch.profiler sees it.
 
 Optimizer steps FIRST..LAST (counted over the whole run, from 1) run under torch.profiler (CPU, and the
-GPU where there is one); when LAST ends, the main process writes OUTPUT/profile.txt: on a GPU the kernels,
-on a CPU the operators, sorted by their time, the share of each, and the wall time per profiled step. Profiling slows the profiled steps; their throughput in metrics.jsonl is not the run's.
+GPU where there is one); when LAST ends, the main process writes OUTPUT/profile.txt: on a GPU the
+kernels, on a CPU the operators, sorted by their time, the share of each, and the wall time per
+profiled step. Profiling slows the profiled steps; their throughput in metrics.jsonl is not the run's.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-PROFILE = "profile.txt"
 ROWS = 40
 
 
@@ -19,8 +19,9 @@ class StepProfiler:
     """Start before step FIRST, stop and write after step LAST; a no-op when ``steps`` is None."""
 
     def __init__(self, steps: list[int] | None, out: Path, main_process: bool):
+        """``out``: the report's path (``RunFolder.profile``), written by the main process only."""
         self.first, self.last = (steps or (0, -1))
-        self.out, self.main_process = out / PROFILE, main_process
+        self.out, self.main_process = out, main_process
         self.prof = None
 
     def before(self, step: int) -> None:
@@ -30,7 +31,7 @@ class StepProfiler:
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
             self.started = time.perf_counter()
 
     def after(self, step: int) -> None:
@@ -39,7 +40,7 @@ class StepProfiler:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = (time.perf_counter() - self.started) / (self.last - self.first + 1)
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         if self.main_process:
             self.out.write_text(report(self.prof, self.first, self.last, wall))
         self.prof = None

@@ -32,6 +32,7 @@ LATEST = "latest"
 LOGS = "logs"
 CACHE = "cache"
 LOCK = ".lock"
+PROFILE = "profile.txt"
 # inside a checkpoint
 TRAINER_STATE = "trainer_state.json"
 ACCELERATE_STATE = "accelerate"
@@ -59,6 +60,7 @@ class RunFolder:
     logs = property(lambda self: self.root / LOGS)
     cache = property(lambda self: self.root / CACHE)
     lock = property(lambda self: self.root / LOCK)
+    profile = property(lambda self: self.root / PROFILE)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)

@@ -12,7 +12,7 @@ def test_profiled_steps_are_written_and_the_run_goes_on(tmp_path):
     r = run(finetune_cmd(out, "stages.0.steps=2", "stages.1.steps=2", "logging.tensorboard=false",
                          "logging.profile_steps=[2, 3]", "checkpoint.every_steps=100"))
     assert r.returncode == 0, r.stderr
-    report = (out / "profile.txt").read_text().splitlines()
+    report = RunFolder(out).profile.read_text().splitlines()
     assert report[0].startswith("steps 2..3 (2): ") and "ms wall per step" in report[0]
     ops = [line.split(None, 3)[3] for line in report[2:]]
     assert len(ops) >= 10 and any(op.startswith("aten::") for op in ops)  # what the forward and backward ran
