@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_DIM, GSADims, GSAInputError, check_inputs, default_scale, sequence_spans
+from .utils import MAX_DIM, GSADims, GSAInputError, check_inputs, default_scale, host_memo, sequence_spans
 
 SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -121,11 +121,21 @@ _TABLES: dict = {}
 
 
 def chunk_tables(p: PreparedInputs, C: int) -> ChunkTables:
-    """The :class:`ChunkTables` of the inputs (cached for equal-length batches)."""
+    """The :class:`ChunkTables` of the inputs: cached for equal-length batches, and built once per
+    ``cu_seqlens`` tensor for packed ones (every layer of a step shares them)."""
     d = p.dims
-    key = None if p.varlen else (d.B, d.T, C, str(p.q.device))
-    if key is not None and key in _TABLES:
-        return _TABLES[key]
+    if p.varlen:
+        return host_memo(p.cu_seqlens, ("chunk_tables", C, d.T, str(p.q.device)), lambda: _build_tables(p, C))
+    key = (d.B, d.T, C, str(p.q.device))
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = _build_tables(p, C)
+    return _TABLES[key]
+
+
+def _build_tables(p: PreparedInputs, C: int) -> ChunkTables:
+    d = p.dims
     seq, chunk, bslot, off = [], [], [], 0
     for row, start, end in sequence_spans(d, p.cu_seqlens):
         bos, eos = row * d.T + start, row * d.T + end
@@ -137,9 +147,4 @@ def chunk_tables(p: PreparedInputs, C: int) -> ChunkTables:
     seq_t = torch.tensor(seq, dtype=torch.int32).view(-1, 3).to(p.q.device)
     chunk_t = torch.tensor(chunk, dtype=torch.int32).view(-1, 3).to(p.q.device)
     bslot_t = torch.tensor(bslot, dtype=torch.int32).to(p.q.device)
-    out = ChunkTables(C=C, seq=seq_t, chunks=chunk_t, bslot=bslot_t, n_snap=off, n_chunks=len(chunk))
-    if key is not None:
-        if len(_TABLES) > 64:
-            _TABLES.clear()
-        _TABLES[key] = out
-    return out
+    return ChunkTables(C=C, seq=seq_t, chunks=chunk_t, bslot=bslot_t, n_snap=off, n_chunks=len(chunk))

@@ -6,6 +6,7 @@ backend would have run it.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -84,11 +85,9 @@ def check_inputs(q, k, v, s, g, initial_state=None, cu_seqlens=None) -> GSADims:
                 f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets, got "
                 f"shape {tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
             )
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if first != 0 or last != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise GSAInputError(
-                f"cu_seqlens must start at 0, never decrease and end at T={T}; got {cu_seqlens.tolist()}"
-            )
+        bounds = sequence_bounds(cu_seqlens)
+        if bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise GSAInputError(f"cu_seqlens must start at 0, never decrease and end at T={T}; got {list(bounds)}")
         N = cu_seqlens.numel() - 1
     if initial_state is not None:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
@@ -115,8 +114,39 @@ def sequence_spans(dims: GSADims, cu_seqlens) -> list[tuple[int, int, int]]:
     """(row, start, end) of each sequence, in state order."""
     if cu_seqlens is None:
         return [(b, 0, dims.T) for b in range(dims.B)]
-    bounds = cu_seqlens.tolist()
+    bounds = sequence_bounds(cu_seqlens)
     return [(0, bounds[n], bounds[n + 1]) for n in range(dims.N)]
+
+
+# Host-side values derived from a device tensor, per tensor object: {id: (weakref, version, {what: value})}
+_HOST_MEMO: dict[int, tuple] = {}
+
+
+def host_memo(t: torch.Tensor, what, make):
+    """``make()``, computed once per tensor object, in-place version and ``what``.
+
+    For what the host derives from a device tensor's values (each read waits for the GPU to finish
+    everything queued): a packed batch's ``cu_seqlens`` reaches every layer of a step, forward and
+    checkpoint recompute, and reading it in each would stall the host once a layer. An in-place change
+    of the tensor recomputes; inference tensors (no version counter) are never memoised."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return make()
+    key = id(t)
+    entry = _HOST_MEMO.get(key)
+    if entry is None or entry[0]() is not t or entry[1] != version:
+        entry = (weakref.ref(t, lambda _, key=key: _HOST_MEMO.pop(key, None)), version, {})
+        _HOST_MEMO[key] = entry
+    memo = entry[2]
+    if what not in memo:
+        memo[what] = make()
+    return memo[what]
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """The offsets of ``cu_seqlens`` as host integers, read from the device once per tensor (:func:`host_memo`)."""
+    return host_memo(cu_seqlens, "bounds", lambda: tuple(cu_seqlens.tolist()))
 
 
 def factored_chunks(g: torch.Tensor, chunk: int = 64, thresh: float = 40.0) -> torch.Tensor:

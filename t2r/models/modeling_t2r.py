@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from t2r.kernels.gsa.utils import sequence_bounds
 from t2r.layers.attention import AttentionContext, SoftmaxAttention, TransferErrors
 from t2r.layers.gla import GatedLinearAttention
 from t2r.layers.gsa import GatedSlotAttention
@@ -117,7 +118,8 @@ def gsa_new_module(param_name: str) -> str | None:
 
 def _cu_seqlens_to_doc_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                  output_size=B * T)  # the size given: no wait for the device
     return ids.view(B, T)
 
 
@@ -257,12 +259,13 @@ class T2RModel(T2RPreTrainedModel):
                 raise ValueError("packed documents (cu_seqlens, cu_seq_lens_q/k, seq_idx or restarting position_ids) "
                                  "cannot be combined with a cache or with padding (an attention_mask with zeros)")
             cu_seqlens = cu_seqlens.to(h.device)
-            if int(cu_seqlens[0]) != 0 or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-                raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu_seqlens.tolist()}")
-            if int(cu_seqlens[-1]) != B * T:
-                raise ValueError(f"cu_seqlens must end at batch x length = {B * T}, got {int(cu_seqlens[-1])}")
-            rows = torch.arange(0, B * T + 1, T, device=cu_seqlens.device)
-            if not bool(torch.isin(rows, cu_seqlens.long()).all()):
+            # one read of the offsets to the host, shared with every GSA layer's kernels (sequence_bounds)
+            bounds = sequence_bounds(cu_seqlens)
+            if bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+                raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {list(bounds)}")
+            if bounds[-1] != B * T:
+                raise ValueError(f"cu_seqlens must end at batch x length = {B * T}, got {bounds[-1]}")
+            if not set(range(0, B * T + 1, T)) <= set(bounds):
                 raise ValueError(f"cu_seqlens must contain every row boundary (multiples of {T}): "
                                  "a packed document may not continue into the next row")
             doc_ids = _cu_seqlens_to_doc_ids(cu_seqlens, B, T)
