@@ -69,6 +69,8 @@ class LowRankGate(nn.Module):
 class GatedLinearAttention(GatedSlotAttention):
     """A converted attention block running the ``gla`` or ``linear`` mixer (module docstring)."""
 
+    fused_decode = False  # GSA's fused decoding step takes slot gates; this mixer's steps go through _gsa
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.mixer = config.mixer
@@ -115,7 +117,8 @@ class GatedLinearAttention(GatedSlotAttention):
         if mask is not None:  # padding must neither write nor decay the state
             keep = mask[:, :, None, None].to(g.dtype)
             s, g = s * keep, g * keep
-        qr, kr = apply_rotary(q0, ctx.cos, ctx.sin), apply_rotary(k0, ctx.cos, ctx.sin)
+        qr, kr = (apply_rotary(q0, ctx.cos, ctx.sin), apply_rotary(k0, ctx.cos, ctx.sin)) if self.window_size \
+            else (None, None)  # the window's (only it reads the teacher's RoPE'd q and k)
         dt = v0.dtype
         q, k = self.q_map(q0).to(dt), self.k_map(k0).to(dt)
         if self.use_rope:

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2r.kernels.gsa import chunk_gsa, fused_recurrent_gsa
+from t2r.kernels.gsa.decode_step import ACTIVATIONS, gsa_decode_step
 
 from .attention import AttentionContext, SoftmaxAttention
-from .feature_maps import LearnableFeatureMap, make_feature_map
+from .feature_maps import FixedFeatureMap, LearnableFeatureMap, make_feature_map
 from .norm import RMSNorm
 from .rotary import apply_rotary
 from .window import ring_window_attention, window_attention
@@ -73,6 +74,8 @@ class GatedSlotAttention(SoftmaxAttention):
     """A converted attention block. ``as_teacher = True`` makes it run the teacher's softmax
     attention with the same weights (for distillation), without a second copy of them."""
 
+    fused_decode = True  # one-token steps through gsa_decode_step (the gla/linear subclass: no)
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.num_slots = M = config.num_slots
@@ -83,6 +86,7 @@ class GatedSlotAttention(SoftmaxAttention):
         self.g_norm = RMSNorm(self.head_dim, eps=config.gsa_norm_eps) if config.output_norm else None
         self.norm_activation = F.silu  # o_proj(RMSNorm(silu(o))): the GSA paper's output norm
         self.v_activation = F.silu if config.v_activation == "silu" else (lambda x: x)
+        self.v_activation_name = config.v_activation
         self.scale = config.gsa_logit_scale
         self.tau = config.gate_logit_normalizer
         self.use_rope = config.use_rope
@@ -127,7 +131,10 @@ class GatedSlotAttention(SoftmaxAttention):
         if mask is not None:  # padding must neither write nor decay the state
             keep = mask[:, :, None, None].to(s.dtype)
             s, g = s * keep, g * keep
-        qr, kr = apply_rotary(q0, ctx.cos, ctx.sin), apply_rotary(k0, ctx.cos, ctx.sin)
+        # the teacher's RoPE'd q and k: for the feature map (use_rope) and the window only; a layer
+        # that uses neither skips the rotation (six elementwise kernels on q and k, per forward)
+        needed = self.use_rope or self.window_size
+        qr, kr = (apply_rotary(q0, ctx.cos, ctx.sin), apply_rotary(k0, ctx.cos, ctx.sin)) if needed else (None, None)
         q, k = (qr, kr) if self.use_rope else (q0, k0)
         dt = v0.dtype  # the compute dtype (autocast's, or the weights')
         q, k, v = self.q_map(q).to(dt), self.k_map(k).to(dt), self.v_activation(v0)
@@ -142,9 +149,38 @@ class GatedSlotAttention(SoftmaxAttention):
                       cu_seqlens=ctx.cu_seqlens, backend=self.backend)
         return o.reshape(B, T, self.num_heads, -1), final
 
+    def _decode_step(self, x: torch.Tensor, ctx: AttentionContext, cache, state) -> torch.Tensor:
+        """One new token per row on a cache that holds this layer's state: gates, elementwise feature
+        maps, recurrence and output norm in one ``gsa_decode_step`` (one Triton kernel on CUDA, where
+        the general path launches about 20 more small kernels a layer). A static cache's state is
+        updated in place. Returns the normed output [B, 1, HQ, V], before ``o_proj``."""
+        B = x.shape[0]
+        q, k, v = self.project(x, ctx, rope=False)
+        logits = self.f_proj(x).view(B, 1, self.num_kv_heads, self.num_slots) if self.f_proj is not None \
+            else pool_heads(k, self.num_slots)
+        mask = ctx.token_mask(1)
+        if mask is not None:  # a padding token neither writes nor decays the state: gate logit +inf
+            logits = logits.masked_fill(~mask.bool()[:, :, None, None], float("inf"))
+        if self.use_rope:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        act = self.q_map.kind if isinstance(self.q_map, FixedFeatureMap) and self.q_map.kind in ACTIVATIONS \
+            else "identity"
+        if act == "identity":  # maps the kernel does not apply itself (softmax, the learnable ones)
+            q, k = self.q_map(q).to(v.dtype), self.k_map(k).to(v.dtype)
+        norm = self.g_norm
+        o, final = gsa_decode_step(
+            q, k, v, logits, state, tau=self.tau, scale=self.scale, qk_act=act, v_act=self.v_activation_name,
+            norm_weight=None if norm is None else norm.weight, norm_eps=1e-6 if norm is None else norm.variance_epsilon,
+            out_state=state if ctx.step else None, backend=self.backend)
+        cache.set_gsa_state(self.layer_idx, final)
+        return o
+
     # -- forwards -------------------------------------------------------------------------------
     def gsa_forward(self, x: torch.Tensor, ctx: AttentionContext, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
+        state = cache.gsa_state(self.layer_idx) if cache is not None and T == 1 else None
+        if state is not None and self.fused_decode and not self.window_size:
+            return self.o_proj(self._decode_step(x, ctx, cache, state).reshape(B, T, -1))
         (q, k, v, s, g), teacher_qkv = self.gsa_inputs(x, ctx)
         if self.window_size:
             o = self._windowed(q, k, v, s, g, teacher_qkv, ctx, cache)

@@ -19,7 +19,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 # dependency order: a module is reloaded after the modules it imports names from
 MODULES = ["_triton_inputs", "_triton_intra", "_triton_chunk_state", "_triton_chunk_fwd", "_triton_chunk_bwd",
-           "_triton_chunk", "_triton_fused_recurrent"]
+           "_triton_chunk", "_triton_fused_recurrent", "_triton_decode_step"]
 
 
 @contextmanager

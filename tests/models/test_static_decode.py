@@ -69,6 +69,50 @@ def test_static_steps_through_the_triton_kernels_give_the_dynamic_logits():
             assert rel_err(model(new, attention_mask=mask, cache=static).logits, a) < 1e-5
 
 
+FUSED = {  # the layers whose one-token steps run gsa_decode_step (no window)
+    "paper-layer": dict(family="llama"),  # swish maps and v, f_proj gates, output norm: all in the kernel
+    "recipe-b": dict(family="qwen2", feature_map="linear", use_rope=True, softmax_layers="1"),  # maps outside
+    "key-gates": dict(family="mistral", gate_source="key", output_norm=False, v_activation="identity",
+                      feature_map="elu1"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", FUSED)
+def test_fused_decoding_steps_give_the_full_forward_logits(case, backend, monkeypatch):
+    """Left-padded prompts, then one token a step on a static cache (state updated in place) and on
+    the dynamic cache: every step's logits are those of one forward over the whole sequence."""
+    import t2r.layers.gsa as gsa_layer
+    from t2r.layers.gsa import GatedSlotAttention
+
+    calls = []
+    fused = gsa_layer.gsa_decode_step
+    monkeypatch.setattr(gsa_layer, "gsa_decode_step", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+
+    _, model, _ = converted(**FUSED[case])
+    for m in model.modules():
+        if isinstance(m, GatedSlotAttention):
+            m.backend = backend
+    ids, mask = _left_padded()
+    new = torch.randint(2, 258, (3, 6))
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    static = T2RStaticCache(model.config, max_batch_size=3, max_length=16)
+    with torch.no_grad(), triton_interpreter():
+        want = model(torch.cat([ids, new], 1), attention_mask=full_mask).logits[:, -6:]
+        dynamic = output_cache(model(ids, attention_mask=mask, use_cache=True))
+        model(ids, attention_mask=mask, cache=static)
+        state = static.layers[0][0].data_ptr()
+        got = {"static": [], "dynamic": []}
+        for t in range(6):
+            m = full_mask[:, :ids.shape[1] + t + 1]
+            got["dynamic"].append(model(new[:, t:t + 1], attention_mask=m, cache=dynamic).logits)
+            got["static"].append(model(new[:, t:t + 1], attention_mask=m, cache=static).logits)
+    assert static.layers[0][0].data_ptr() == state  # written in place
+    assert len(calls) == 2 * 6 * len(model.config.gsa_layers)  # every GSA layer's step took the fused path
+    for name, steps in got.items():
+        assert rel_err(torch.cat(steps, 1), want) < 1e-5, name
+
+
 @pytest.mark.parametrize("case", ["all-gsa", "window-hybrid"])
 def test_generate_on_a_static_cache_makes_the_same_tokens(case):
     _, model, tok = converted(**CASES[case])
