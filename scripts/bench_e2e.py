@@ -77,9 +77,10 @@ def with_lora(model, converted: bool):
     return get_peft_model(model, config)
 
 
-def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torch.device):
+def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torch.device, profile: bool = False):
     """Tokens/s of full optimizer steps (forward, backward, AdamW) after two warm-up steps; peak GiB; GiB
-    allocated before the first step."""
+    allocated before the first step; with ``profile``, one more step under torch.profiler: its kernels by
+    device time (t2r.train.profiling's report), else None."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -98,8 +99,26 @@ def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torc
         opt.zero_grad(set_to_none=True)
     sync(device)
     rate = batch * seq * steps / (time.perf_counter() - t0)
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        from t2r.train.profiling import report
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            t1 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            wall = time.perf_counter() - t1
+        table = report(prof, 1, 1, wall)
     del opt
-    return rate, peak_gib(device), held
+    return rate, peak_gib(device), held, table
 
 
 @torch.no_grad()
@@ -164,13 +183,15 @@ def convert_cost(teacher, workdir: Path) -> tuple[float, float, float]:
     return float(wall), int(rss_kib) / 2**20, size
 
 
-def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path) -> tuple[float, float | None]:
-    """The shipped SmolLM2 config with LoRA + KL for ``steps`` finetune steps: median tokens/s, peak GiB."""
+def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path,
+                     dtype: str = "auto") -> tuple[float, float | None]:
+    """The shipped SmolLM2 config with LoRA + KL for ``steps`` finetune steps: median tokens/s, peak GiB.
+    ``dtype``: the converted weights' (``model.conversion.dtype``; the trained ones stay fp32)."""
     out = workdir / "smollm2"
     stages = [{"name": "attention_transfer", "steps": 2, "lr": 1e-2},
               {"name": "finetune", "steps": steps, "lr": 1e-3, "kl_weight": 1.0,
                "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}]
-    sets = {"model.source": gguf, "stages": stages, "eval.before": False, "eval.teacher": False,
+    sets = {"model.source": gguf, "model.conversion.dtype": dtype, "stages": stages, "eval.before": False, "eval.teacher": False,
             "eval.every_steps": 100000, "checkpoint.every_steps": 100000, "logging.progress_bar": False,
             "logging.tensorboard": False, "data.mix": [{"dataset": "python-stdlib"}], "data.seq_len": seq,
             "batch.micro_batch_size": batch, "batch.grad_accum": 1,
@@ -201,7 +222,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip", default="", help="sections to skip: train,decode,generate,convert")
     ap.add_argument("--smollm2", default=None, help="a SmolLM2-135M-Instruct GGUF or folder: also time its finetune")
+    ap.add_argument("--profile-train", action="store_true",
+                    help="after each training row's timed steps, profile one more step (kernels by device time)")
     ap.add_argument("--smollm2-steps", type=int, default=30)
+    ap.add_argument("--smollm2-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="the converted weights' dtype in its finetune (auto: as loaded; trained weights stay fp32)")
     ap.add_argument("--smollm2-shape", default="8x2048", help="BATCHxSEQ of its finetune steps")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,6 +239,7 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vocab = shape["vocab_size"]
     rows = []  # (measure, teacher, converted, ratio)
+    profiles = []  # --profile-train reports
 
     def add(measure, teacher, converted, higher_is_better=True, spec=",.0f"):
         ratio = None
@@ -229,12 +255,15 @@ def main() -> int:
             model = converted_model(teacher) if converted else teacher
             del teacher
             model = with_lora(model, converted)
-            results.append(train_rate(model, b, s, vocab, args.steps, device))
+            results.append(train_rate(model, b, s, vocab, args.steps, device, args.profile_train))
             del model
         add(f"LoRA train tok/s, {b} x {s}", results[0][0], results[1][0])
         add(f"peak GPU GiB, LoRA train {b} x {s}", results[0][1], results[1][1], higher_is_better=False, spec=".1f")
         add(f"  of which held before the first step (weights, adapters), {b} x {s}", results[0][2], results[1][2],
             higher_is_better=False, spec=".1f")
+        for name, r in zip(("teacher", "t2r GSA"), results):
+            if r[3]:
+                profiles.append(f"{name}, LoRA train {b} x {s}, one profiled step:\n{r[3]}")
 
     if not {"decode", "generate", "convert"} <= skip:
         teacher = teacher_model(shape, device, dtype)
@@ -265,8 +294,9 @@ def main() -> int:
     if args.smollm2:
         with tempfile.TemporaryDirectory() as tmp:
             b, s = map(int, args.smollm2_shape.split("x"))
-            rate, peak, profile = smollm2_finetune(args.smollm2, args.smollm2_steps, b, s, Path(tmp))
-        add(f"SmolLM2-135M finetune (LoRA + KL, {b} x {s}), median tok/s", None, rate)
+            rate, peak, profile = smollm2_finetune(args.smollm2, args.smollm2_steps, b, s, Path(tmp), args.smollm2_dtype)
+        weights = "" if args.smollm2_dtype == "auto" else f", {args.smollm2_dtype} weights"
+        add(f"SmolLM2-135M finetune (LoRA + KL, {b} x {s}{weights}), median tok/s", None, rate)
         add("SmolLM2-135M finetune peak GPU GiB", None, peak, spec=".1f")
 
     import transformers
@@ -277,6 +307,8 @@ def main() -> int:
     print("| measure | teacher (softmax, SDPA) | t2r GSA | ratio (better > 1) |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    for p in profiles:
+        print("\n" + p)
     if args.smollm2:
         print("\nSmolLM2-135M finetune, the two profiled steps (torch.profiler, top 25 by device time):\n")
         print("\n".join(profile[:27]))

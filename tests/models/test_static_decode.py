@@ -10,7 +10,7 @@ from t2r.errors import T2RError
 from t2r.models import T2RStaticCache, output_cache
 from tests.conftest import converted
 from tests.kernels.gsa_inputs import rel_err
-from tests.kernels.triton_interp import triton_interpreter
+from tests.kernels.triton_interp import DEVICE, triton_interpreter
 
 CASES = {
     "all-gsa": dict(family="llama"),
@@ -89,12 +89,15 @@ def test_fused_decoding_steps_give_the_full_forward_logits(case, backend, monkey
     fused = gsa_layer.gsa_decode_step
     monkeypatch.setattr(gsa_layer, "gsa_decode_step", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
 
+    if backend == "torch" and DEVICE == "cuda":
+        pytest.skip("the torch path is the CPU's; on CUDA the model runs the kernels")
     _, model, _ = converted(**FUSED[case])
+    model.to(DEVICE)
     for m in model.modules():
         if isinstance(m, GatedSlotAttention):
             m.backend = backend
-    ids, mask = _left_padded()
-    new = torch.randint(2, 258, (3, 6))
+    ids, mask = (t.to(DEVICE) for t in _left_padded())
+    new = torch.randint(2, 258, (3, 6), device=DEVICE)
     full_mask = torch.cat([mask, torch.ones_like(new)], 1)
     static = T2RStaticCache(model.config, max_batch_size=3, max_length=16)
     with torch.no_grad(), triton_interpreter():
