@@ -26,6 +26,7 @@ from t2r.layers.rotary import RotaryEmbedding
 
 from .cache import T2RCache
 from .configuration_t2r import T2RConfig
+from .lm_loss import token_cross_entropy
 from .static_cache import T2RStaticCache
 from .step_graph import run_step
 
@@ -529,12 +530,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, 
     (``reduction="sum"``), or with ``num_items_in_batch`` their sum divided by it (transformers'
     Trainer counts the targets of the whole accumulated batch, so the micro-batches' losses add up
     to its mean)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     target = next_token_targets(labels, cu_seqlens)
-    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_logits = logits.reshape(-1, logits.shape[-1])
     target = target.reshape(-1).to(flat_logits.device)
+    losses = token_cross_entropy(flat_logits, target)  # fp32 math, no fp32 copy of the logits kept
+    total = losses.sum()
     if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, target, ignore_index=-100, reduction=reduction)
-    total = F.cross_entropy(flat_logits, target, ignore_index=-100, reduction="sum")
+        return total if reduction == "sum" else total / (target != -100).sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
