@@ -35,7 +35,8 @@ from .model_folders import link_checkpoint_model, merged_from_folders, save_adap
 from .precision import Precision, mixed_precision
 from .profiling import StepProfiler
 from .run_folder import ACCELERATE_STATE, ADAPTER, MODEL, RunFolder
-from .stages import add_lora, count_targets, frozen_teacher, load_model, run_lora_config, stage_loss_sum
+from .stages import (add_lora, count_targets, frozen_teacher, load_model, lora_input_casts_off, run_lora_config,
+                     stage_loss_sum)
 from .tracking import MetricsFile, tracker_config, trackers
 
 
@@ -292,7 +293,7 @@ class Run:
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
-            with ctx, acc.autocast():
+            with ctx, acc.autocast(), lora_input_casts_off(self.model):
                 loss_sum, parts = stage_loss_sum(self.model, batch, stage, self.teacher, self.fused,
                                                  self.config.loss.chunk_size)
                 acc.backward(loss_sum * scale)

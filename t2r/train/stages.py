@@ -65,6 +65,31 @@ def add_lora(model, lora: LoraConfig):
         return get_peft_model(model, peft_config)
 
 
+@contextlib.contextmanager
+def lora_input_casts_off(model):
+    """Under autocast, keep peft's LoRA layers from casting their input to the adapters' fp32.
+
+    peft casts a layer's input to its adapter weights' dtype (fp32 here: trained parameters are
+    fp32), and autocast casts it straight back to bf16/fp16 for the matmul: two full copies of the
+    activations per LoRA layer, forward and backward, that change no value (the round trip through
+    fp32 is exact). Without autocast (fp32 runs) nothing changes."""
+    layers = [] if not torch.is_autocast_enabled(_autocast_device(model)) else \
+        [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A")]
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.cast_input_dtype_enabled = b
+
+
+def _autocast_device(model) -> str:
+    p = next(model.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
 def _is_gsa_param(name: str) -> bool:
     return gsa_new_module(name) is not None and ".original_module." not in name
 
