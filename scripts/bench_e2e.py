@@ -87,16 +87,19 @@ def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torc
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     reset_peak(device)
     held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    t0 = None
-    for i in range(steps + 2):
-        if i == 2:
-            sync(device)
-            t0 = time.perf_counter()
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    t0 = None
+    for i in range(steps + 2):
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        step()
     sync(device)
     rate = batch * seq * steps / (time.perf_counter() - t0)
     table = None
@@ -109,11 +112,7 @@ def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torc
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             t1 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
             sync(device)
             wall = time.perf_counter() - t1
         table = report(prof, 1, 1, wall)
