@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_intra import vmax, vsum
+from ._triton_intra import load_state, vmax, vsum
 
 # constexpr codes of the elementwise maps the kernel applies (decode_step.ACTIVATIONS names them)
 IDENTITY, SILU, RELU, ELU1 = 0, 1, 2, 3
@@ -53,15 +53,8 @@ def _decode_step_kernel(q, k, v, x, h0k, h0v, htk, htv, o, w, T, scale, tau, eps
     HQ: tl.constexpr = H * G
     o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    st_k = nh.to(tl.int64) * (K * M) + o_k[:, None] * M + o_m[None, :]
-    st_v = nh.to(tl.int64) * (M * V) + o_m[:, None] * V + o_v[None, :]
-    m_km, m_mv = m_k[:, None] & m_m[None, :], m_m[:, None] & m_v[None, :]
-    if USE_H0:
-        hk = tl.load(h0k + st_k, mask=m_km, other=0.).to(tl.float32)
-        hv = tl.load(h0v + st_v, mask=m_mv, other=0.).to(tl.float32)
-    else:
-        hk = tl.full([BK, BM], 0., tl.float32)
-        hv = tl.full([BM, BV], 0., tl.float32)
+    hk, hv, st_k, st_v, m_km, m_mv = load_state(h0k, h0v, nh, o_k, o_v, o_m, m_k, m_v, m_m, K, V, M, BK, BV, BM,
+                                                USE_H0)
     if NORM:
         wv = tl.load(w + o_v, mask=m_v, other=0.).to(tl.float32)
     for t in range(bos, bos + T):

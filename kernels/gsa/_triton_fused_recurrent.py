@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._triton_inputs import prepare
-from ._triton_intra import vmax, vsum
+from ._triton_intra import load_state, vmax, vsum
 from .utils import GSAInputError
 
 
@@ -33,15 +33,8 @@ def _recurrent_kernel(q, k, v, s, g, h0k, h0v, o, htk, htv, cu, T, scale, H: tl.
     HQ: tl.constexpr = H * G
     o_k, o_v, o_m = tl.arange(0, BK), iv * BV + tl.arange(0, BV), tl.arange(0, BM)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    st_k = nh * (K * M) + o_k[:, None] * M + o_m[None, :]
-    st_v = nh * (M * V) + o_m[:, None] * V + o_v[None, :]
-    m_km, m_mv = m_k[:, None] & m_m[None, :], m_m[:, None] & m_v[None, :]
-    if USE_H0:
-        hk = tl.load(h0k + st_k, mask=m_km, other=0.).to(tl.float32)
-        hv = tl.load(h0v + st_v, mask=m_mv, other=0.).to(tl.float32)
-    else:
-        hk = tl.full([BK, BM], 0., tl.float32)
-        hv = tl.full([BM, BV], 0., tl.float32)
+    hk, hv, st_k, st_v, m_km, m_mv = load_state(h0k, h0v, nh, o_k, o_v, o_m, m_k, m_v, m_m, K, V, M, BK, BV, BM,
+                                                USE_H0)
     for t in range(bos, eos):
         kt = tl.load(k + (t * H + h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         vt = tl.load(v + (t * H + h) * V + o_v, mask=m_v, other=0.).to(tl.float32)

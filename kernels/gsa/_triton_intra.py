@@ -192,3 +192,21 @@ def masked_softmax(Z, m_m):
     mx = vmax(Zm, 1)
     e = tl.exp(Zm - mx[:, None])
     return e / vsum(e, 1)[:, None]
+
+
+@triton.jit
+def load_state(h0k, h0v, nh, o_k, o_v, o_m, m_k, m_v, m_m, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, USE_H0: tl.constexpr):
+    """The decoding kernels' fp32 state of (sequence, kv head) ``nh``: slot keys [BK, BM] and the value
+    block ``o_v`` of the slot values [BM, BV] (zeros without USE_H0), with their offsets and masks
+    (st_k, st_v, m_km, m_mv) for storing the final state where it was read."""
+    st_k = nh.to(tl.int64) * (K * M) + o_k[:, None] * M + o_m[None, :]
+    st_v = nh.to(tl.int64) * (M * V) + o_m[:, None] * V + o_v[None, :]
+    m_km, m_mv = m_k[:, None] & m_m[None, :], m_m[:, None] & m_v[None, :]
+    if USE_H0:
+        hk = tl.load(h0k + st_k, mask=m_km, other=0.).to(tl.float32)
+        hv = tl.load(h0v + st_v, mask=m_mv, other=0.).to(tl.float32)
+    else:
+        hk = tl.full([BK, BM], 0., tl.float32)
+        hv = tl.full([BM, BV], 0., tl.float32)
+    return hk, hv, st_k, st_v, m_km, m_mv
