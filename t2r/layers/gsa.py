@@ -119,14 +119,18 @@ class GatedSlotAttention(SoftmaxAttention):
             self.window_mix.weight.zero_()
 
     # -- inputs ---------------------------------------------------------------------------------
+    def gate_logits(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Slot-gate logits [B, T, H, M]: from ``f_proj``, or the keys k [B, T, H, D] pooled to M slots."""
+        if self.f_proj is None:
+            return pool_heads(k, self.num_slots)
+        return self.f_proj(x).view(*x.shape[:2], self.num_kv_heads, self.num_slots)
+
     def gsa_inputs(self, x: torch.Tensor, ctx: AttentionContext):
         """(q, k, v, s, g) for the operator, plus the teacher's RoPE'd q and k and raw v (for the
         window): q [B, T, HQ, D], k and v [B, T, H, D], s and g [B, T, H, M]."""
-        B, T, _ = x.shape
+        T = x.shape[1]
         q0, k0, v0 = self.project(x, ctx, rope=False)
-        logits = self.f_proj(x).view(B, T, self.num_kv_heads, self.num_slots) if self.f_proj is not None \
-            else pool_heads(k0, self.num_slots)
-        s, g = slot_gates(logits, self.tau)
+        s, g = slot_gates(self.gate_logits(x, k0), self.tau)
         mask = ctx.token_mask(T)
         if mask is not None:  # padding must neither write nor decay the state
             keep = mask[:, :, None, None].to(s.dtype)
@@ -154,10 +158,8 @@ class GatedSlotAttention(SoftmaxAttention):
         maps, recurrence and output norm in one ``gsa_decode_step`` (one Triton kernel on CUDA, where
         the general path launches about 20 more small kernels a layer). A static cache's state is
         updated in place. Returns the normed output [B, 1, HQ, V], before ``o_proj``."""
-        B = x.shape[0]
         q, k, v = self.project(x, ctx, rope=False)
-        logits = self.f_proj(x).view(B, 1, self.num_kv_heads, self.num_slots) if self.f_proj is not None \
-            else pool_heads(k, self.num_slots)
+        logits = self.gate_logits(x, k)
         mask = ctx.token_mask(1)
         if mask is not None:  # a padding token neither writes nor decays the state: gate logit +inf
             logits = logits.masked_fill(~mask.bool()[:, :, None, None], float("inf"))
