@@ -5,10 +5,14 @@ Every kernel's output is checked against the fp32 torch reference before it is t
 kernel is reported, not timed). Times are medians of triton.testing.do_bench (CUDA events).
 
     python scripts/bench_kernels.py [--out DIR] [--sweep] [--skip-fla] [--breakdown] [--no-decode] [--ts 2048,4096]
+                                    [--gates normal,strong,steep,near0 [--baseline OTHER_CHECKOUT]]
 
 --breakdown profiles one forward+backward per kernel (torch.profiler) for the configurations in
 --breakdown-configs, against each kernel's FLOP and byte floors; --sweep times the SWEEP
-configurations (the first at every T). fla autotunes on its first call (over 4 minutes on the H200);
+configurations (the first at every T). --gates times our chunk kernels at the first T under each kind of
+forget gate (tests/kernels/gsa_inputs.py) with the share of chunks each gate regime takes (factored,
+blocked, pairwise: kernels/gsa/_triton_intra.py); --baseline times another checkout's kernels (e.g. a
+`git worktree add /tmp/base HEAD~1`) on the same inputs, for before/after ratios from one run. fla autotunes on its first call (over 4 minutes on the H200);
 its results from an earlier run are seeded into the Triton cache (--fla-autotune), which brings fla's
 first row to ~20 s. Prints markdown tables (the last one is the summary that
 docs/benchmarks.md carries) and writes the raw numbers to DIR/bench.json after each stage.
@@ -38,7 +42,8 @@ TOKENS = 16384
 TS = [2048, 4096, 8192, 16384, 32768]
 DT = torch.bfloat16
 DEV = "cuda"
-RESULTS: dict = {"train": {}, "decode": {}, "breakdown": {}, "sweep": {}, "errors": {}}
+RESULTS: dict = {"train": {}, "decode": {}, "breakdown": {}, "sweep": {}, "gates": {}, "errors": {}}
+GATE_KINDS = ("normal", "strong", "steep", "near0")
 
 
 def log(*a):
@@ -146,6 +151,71 @@ def train_row(T, check_grads, sdpa=True):
         return row
     sdpa_rows(T, x, do, row)
     return row
+
+
+def load_baseline_kernels(checkout: str):
+    """The GSA kernels of another t2r checkout (its kernels/ folder, which imports t2r/errors.py), as the
+    module ``t2r_baseline.kernels.gsa``; the other checkout's t2r/__init__.py is not run."""
+    import importlib
+    import importlib.util
+    import types
+
+    folder = os.path.join(checkout, "kernels")
+    if not os.path.isfile(os.path.join(folder, "__init__.py")):
+        raise SystemExit(f"--baseline {checkout}: no kernels/__init__.py there; give a t2r checkout")
+    parent = types.ModuleType("t2r_baseline")
+    parent.__path__ = [os.path.join(checkout, "t2r")]
+    sys.modules["t2r_baseline"] = parent
+    spec = importlib.util.spec_from_file_location("t2r_baseline.kernels", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["t2r_baseline.kernels"] = pkg
+    spec.loader.exec_module(pkg)
+    return importlib.import_module("t2r_baseline.kernels.gsa")
+
+
+def gate_rows(T, kinds, baseline=None):
+    """Our chunk kernels under each kind of gate at B x T = TOKENS: the share of (chunk, kv head) blocks in
+    each regime, forward and forward+backward ms, and the output's error against the fp32 reference; with
+    ``baseline`` (a kernels.gsa module of another checkout) its forward+backward on the same inputs."""
+    from t2r.kernels.gsa import chunk_gsa
+    from t2r.kernels.gsa.chunk_torch import chunk_gsa_torch
+    from t2r.kernels.gsa.utils import REGIME_NAMES, chunk_regimes
+    from tests.kernels.gsa_inputs import make_inputs
+
+    B = max(1, TOKENS // T)
+    rows = {}
+    for kind in kinds:
+        x = make_inputs(B, T, HQ, H, K=D, V=D, M=M, dtype=DT, gate=kind, seed=T, device=DEV)
+        regimes = chunk_regimes(x[4])
+        row = {"B": B, "T": T, **{n: (regimes == i).float().mean().item() for i, n in enumerate(REGIME_NAMES)}}
+        do = torch.randn_like(x[0])
+        with torch.no_grad():
+            row["err"] = rel(chunk_gsa(*x, backend="triton")[0], chunk_gsa_torch(*[t.float() for t in x])[0])
+        if row["err"] < 1e-2:
+            ours = leaves(x)
+            with torch.no_grad():
+                row["fwd"] = bench(lambda: chunk_gsa(*x, backend="triton"))
+
+            def step():
+                chunk_gsa(*ours, backend="triton")[0].backward(do)
+
+            row["fwdbwd"] = bench(step, grad_to_none=ours)
+        if baseline is not None:
+            theirs = leaves(x)
+            with torch.no_grad():
+                row["base_err"] = rel(baseline.chunk_gsa(*x, backend="triton")[0], chunk_gsa_torch(
+                    *[t.float() for t in x])[0])
+
+            def base_step():
+                baseline.chunk_gsa(*theirs, backend="triton")[0].backward(do)
+
+            row["base_fwdbwd"] = bench(base_step, grad_to_none=theirs)
+        rows[kind] = row
+        log(f"gates {kind}: {json.dumps(row)}")
+        del x, do
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+    return rows
 
 
 # SDPA backends timed in the same run: torch picks cuDNN on Hopper when allowed, FlashAttention-2
@@ -415,6 +485,18 @@ def tables(gpu, versions):
                      f"{fmt(r.get('fla_graph'), 4)} | {fmt(r.get('fla_gqa'), 4)} | {fmt(r.get('sdpa_4096'), 4)} | "
                      f"{fmt(r.get('sdpa_32768'), 4)} | {ratio(r.get('fla'), r.get('ours'))} | "
                      f"{r['state_bytes_ours'] / 2**10:.0f} KiB | {r['state_bytes_fla'] / 2**10:.0f} KiB | {kv} |")
+    if RESULTS["gates"]:
+        base = RESULTS["gates"].get("normal", {}).get("fwdbwd")
+        lines += ["", "Our chunk kernels by kind of forget gate (ms; share of (chunk, kv head) blocks per regime; "
+                  "vs normal = normal's fwd+bwd / this one's):", "",
+                  "| gates | B x T | factored | blocked | pairwise | fwd | fwd+bwd | vs normal | err "
+                  "| baseline fwd+bwd | vs baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, r in RESULTS["gates"].items():
+            lines.append(f"| {kind} | {r['B']} x {r['T']} | {r['factored']:.0%} | {r['blocked']:.0%} | "
+                         f"{r['pairwise']:.0%} | {fmt(r.get('fwd'))} | {fmt(r.get('fwdbwd'))} | "
+                         f"{ratio(base, r.get('fwdbwd'))} | {r['err']:.1e} | {fmt(r.get('base_fwdbwd'))} | "
+                         f"{ratio(r.get('base_fwdbwd'), r.get('fwdbwd'))} |")
     for cfg_name, bd in RESULTS["breakdown"].items():
         total = sum(r["ms"] for r in bd.values())
         lines += ["", f"Per kernel, one forward+backward at 8 x 2048, configuration `{cfg_name}` (torch.profiler, "
@@ -514,6 +596,9 @@ def main():
     ap.add_argument("--fla-seconds", type=int, default=150,
                     help="stop timing fla's training kernels after this long (its first call autotunes)")
     ap.add_argument("--ts", default=None)
+    ap.add_argument("--gates", default="", help="comma-separated kinds of gate to time the chunk kernels under at "
+                    f"the first T: {', '.join(GATE_KINDS)}")
+    ap.add_argument("--baseline", default=None, help="with --gates: also time this other t2r checkout's kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     args = ap.parse_args()
     global HQ, H, D, M, G, TOKENS, TS, DEV
@@ -521,6 +606,9 @@ def main():
         os.environ["TRITON_INTERPRET"] = "1"
         HQ, H, D, M, G, TOKENS, TS, DEV = 8, 2, 16, 16, 4, 256, [128, 256], "cpu"
     ts = [int(t) for t in args.ts.split(",")] if args.ts else TS
+    kinds = [k for k in args.gates.split(",") if k]
+    if set(kinds) - set(GATE_KINDS):
+        ap.error(f"--gates: unknown {sorted(set(kinds) - set(GATE_KINDS))}; choose from {', '.join(GATE_KINDS)}")
     known = {"default", *(n for n, _, _ in SWEEP)}
     unknown = set(args.breakdown_configs.split(",")) - known
     if unknown:
@@ -555,6 +643,12 @@ def main():
     except Exception as e:
         RESULTS["errors"]["decode"] = repr(e)[:300]
         traceback.print_exc()
+    if kinds:
+        try:
+            RESULTS["gates"] = gate_rows(ts[0], kinds, load_baseline_kernels(args.baseline) if args.baseline else None)
+        except Exception as e:
+            RESULTS["errors"]["gates"] = repr(e)[:300]
+            traceback.print_exc()
     save(args.out)
     if args.breakdown and DEV == "cuda":
         base = dict(_triton_chunk.CONFIG)

@@ -1,12 +1,13 @@
-"""How often a model's GSA gates send the Triton kernels down their slow exact path, on real text.
+"""How often a model's GSA gates send the Triton kernels down their slower exact paths, on real text.
 
 Inside a chunk of 64 tokens the kernels evaluate the decays exp(b_t - b_i) (b: the cumulative log
-forget gate from the chunk start) in a factored form, one tensor-core product, only when every |b - r|
-of the chunk and kv head stays within THRESH, r being b at the chunk's middle row
-(kernels/gsa/_triton_intra.py, kernels/gsa/utils.py:factored_chunks); otherwise they loop over the
-chunk's key positions (pairwise), which is exact for any gate and several times slower. Random gates
-(the kernel benchmarks) stay factored; converted models' gates may not. This prints, per layer, the share
-of (row, chunk, kv head) blocks that go pairwise, and the gates' mean log value.
+forget gate from the chunk start) in one of three ways per (chunk, kv head) block
+(kernels/gsa/_triton_intra.py, kernels/gsa/utils.py:chunk_regimes): factored, one tensor-core product,
+when every |b - r| of the block stays within THRESH, r being b at the chunk's middle row; blocked, one
+product per sub-block of 16 key rows, when that holds inside every sub-block; else pairwise, a loop over
+the chunk's key positions, exact for any gate and several times slower. Random gates (the kernel
+benchmarks) stay factored; converted models' gates may not. This prints, per layer, the share of
+(row, chunk, kv head) blocks in the blocked and the pairwise form, and the gates' mean log value.
 
     python scripts/gate_regimes.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # fresh conversion
     python scripts/gate_regimes.py --model OUTPUT/model                              # a trained one
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from t2r.kernels.gsa._triton_intra import THRESH  # noqa: E402
-from t2r.kernels.gsa.utils import factored_chunks  # noqa: E402
+from t2r.kernels.gsa.utils import BLOCKED, PAIRWISE, chunk_regimes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -71,16 +72,20 @@ def main(argv=None) -> int:
     C = args.chunk
     print(f"{args.model}: {len(rows)} rows x {args.seq_len} tokens of held-out stdlib text, chunk {C}, "
           f"THRESH {THRESH:g}\n")
-    print("| layer | pairwise blocks | mean log gate | lowest cumulative log gate in a chunk |\n|---|---|---|---|")
+    print("| layer | blocked | pairwise | mean log gate | lowest cumulative log gate in a chunk |\n"
+          "|---|---|---|---|---|")
     shares = []
     for i, gs in sorted(gates.items()):
         g = torch.cat(gs)  # [R, T, H, M]
-        share = 1 - factored_chunks(g, C, THRESH).float().mean().item()
+        regimes = chunk_regimes(g, C, THRESH)
+        share = ((regimes == BLOCKED).float().mean().item(), (regimes == PAIRWISE).float().mean().item())
         shares.append(share)
         R, T, H, M = g.shape
         low = g[:, : T - T % C].reshape(R, T // C, C, H, M).cumsum(2).amin().item()
-        print(f"| {i} | {share:.0%} | {g.mean().item():.3f} | {low:.1f} |")
-    print(f"\nall layers: {sum(shares) / len(shares):.0%} of blocks pairwise")
+        print(f"| {i} | {share[0]:.1%} | {share[1]:.1%} | {g.mean().item():.3f} | {low:.1f} |")
+    n = len(shares)
+    print(f"\nall layers: {sum(s[0] for s in shares) / n:.1%} of blocks blocked, "
+          f"{sum(s[1] for s in shares) / n:.1%} pairwise")
     return 0
 
 

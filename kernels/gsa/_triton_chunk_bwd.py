@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton_chunk_fwd import chunk_logits
-from ._triton_intra import THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
+from ._triton_intra import BLOCKED, FACTORED, PAIRWISE, THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
 
 
 @triton.jit
@@ -48,27 +48,30 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
     v_t = tl.load(v + rows[:, None] * (H * V) + h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                   other=0.).to(DT)
     s_t = tl.load(s + rows[:, None] * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
-    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
     sn = (s_t * enb).to(DT)
     hk = tl.load(snap_k + (sidx * H + h) * (K * M) + o_k[:, None] * M + o_m[None, :],
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
     if SPEC:  # one copy of the loop per gate regime: each keeps only the gate tiles it uses live
-        if safe:
-            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, True, scale, rows, h, o_k, o_v, o_m,
+        if regime == FACTORED:
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, FACTORED, scale, rows, h, o_k, o_v, o_m,
+                               m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
+        elif regime == BLOCKED:
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, BLOCKED, scale, rows, h, o_k, o_v, o_m,
                                m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
         else:
-            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, False, scale, rows, h, o_k, o_v,
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, PAIRWISE, scale, rows, h, o_k, o_v,
                                o_m, m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
     else:
-        racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, o_m,
+        racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, o_m,
                            m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
     tl.store(r + rows[:, None] * (H * M) + h * M + o_m[None, :], racc, mask=m_tm)
 
 
 @triton.jit
-def _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, o_m, m_t, m_k,
+def _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, o_m, m_t, m_k,
                 m_v, m_m, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                 C: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     HQ: tl.constexpr = H * G
@@ -80,9 +83,9 @@ def _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, 
                       other=0.).to(DT)
         do_t = tl.load(do + rows[:, None] * (HQ * V) + hq * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.).to(DT)
-        y_off, p, a = chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, safe, scale, m_m, C, DT, PREC)
+        y_off, p, a = chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, regime, scale, m_m, C, DT, PREC)
         bm = tl.dot(do_t, tl.trans(v_t), input_precision=PREC)
-        dp_off = eb * tl.dot(do_t, tl.trans(hv), input_precision=PREC) + op1(bm, s_t, sn, b, eb, safe, C, DT, PREC)
+        dp_off = eb * tl.dot(do_t, tl.trans(hv), input_precision=PREC) + op1(bm, s_t, sn, b, eb, regime, C, DT, PREC)
         dp = dp_off + diag(bm, C)[:, None] * s_t
         dz = p * (dp - vsum(p * dp, 1)[:, None])
         racc += (y_off * scale) * dz + p * dp_off
@@ -128,7 +131,7 @@ def backward_prep(p, do, snap_k, snap_v, tables, num_warps=8, num_stages=2, spec
 
 
 @triton.jit
-def _dq_dk_loop(q, dy, dq, acc, k_t, hk_d, s_t, sn, b, eb, safe, rows, o_k, o_m, m_tk, m_tm, h, H: tl.constexpr,
+def _dq_dk_loop(q, dy, dq, acc, k_t, hk_d, s_t, sn, b, eb, regime, rows, o_k, o_m, m_tk, m_tm, h, H: tl.constexpr,
                 G: tl.constexpr, K: tl.constexpr, M: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
                 PREC: tl.constexpr):
     HQ: tl.constexpr = H * G
@@ -136,7 +139,7 @@ def _dq_dk_loop(q, dy, dq, acc, k_t, hk_d, s_t, sn, b, eb, safe, rows, o_k, o_m,
         hq = h * G + i
         q_t = tl.load(q + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], mask=m_tk, other=0.).to(DT)
         dy_t = tl.load(dy + rows[:, None] * (HQ * M) + hq * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
-        a3 = op2(dy_t, s_t, sn, b, eb, safe, C, DT, PREC)
+        a3 = op2(dy_t, s_t, sn, b, eb, regime, C, DT, PREC)
         dq_t = tl.dot((dy_t * eb).to(DT), tl.trans(hk_d), input_precision=PREC)
         dq_t += tl.dot(a3.to(DT), k_t, input_precision=PREC)
         tl.store(dq + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], dq_t.to(dq.dtype.element_ty), mask=m_tk)
@@ -145,14 +148,14 @@ def _dq_dk_loop(q, dy, dq, acc, k_t, hk_d, s_t, sn, b, eb, safe, rows, o_k, o_m,
 
 
 @triton.jit
-def _dv_loop(do, prob, acc, s_t, sn, b, eb, safe, rows, o_v, o_m, m_tv, m_tm, h, H: tl.constexpr, G: tl.constexpr,
+def _dv_loop(do, prob, acc, s_t, sn, b, eb, regime, rows, o_v, o_m, m_tv, m_tm, h, H: tl.constexpr, G: tl.constexpr,
              V: tl.constexpr, M: tl.constexpr, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     HQ: tl.constexpr = H * G
     for i in range(G):
         hq = h * G + i
         do_t = tl.load(do + rows[:, None] * (HQ * V) + hq * V + o_v[None, :], mask=m_tv, other=0.).to(DT)
         p_t = tl.load(prob + rows[:, None] * (HQ * M) + hq * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
-        a2 = op2(p_t, s_t, sn, b, eb, safe, C, DT, PREC)
+        a2 = op2(p_t, s_t, sn, b, eb, regime, C, DT, PREC)
         acc += tl.dot(tl.trans(a2).to(DT), do_t, input_precision=PREC)
     return acc
 
@@ -165,7 +168,7 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
                      THR: tl.constexpr):
     """Programs pt < NKT: dq and dk on key tile pt; the others dv on value tile pt - NKT. Each also
     writes its tile's share of k dSk (v dSv^T) and of <dS, H> for the last kernel. SPEC: compile
-    the loop over query heads once per gate regime (factored / pairwise), so that each copy keeps
+    the loop over query heads once per gate regime (factored / blocked / pairwise), so that each copy keeps
     only the gate tiles it needs live."""
     NT: tl.constexpr = NKT + (V + BV - 1) // BV
     # grid (NT * chunks, H): the tiles of one chunk are neighbours (they share dY, p, s, g in L2)
@@ -178,7 +181,7 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
     m_tm = m_t[:, None] & m_m[None, :]
     rows = tok0 + o_t
     s_t = tl.load(s + rows[:, None] * (H * M) + h * M + o_m[None, :], mask=m_tm, other=0.).to(tl.float32)
-    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
     sn = (s_t * enb).to(DT)
     w = (s_t * tl.exp(b_end[None, :] - b)).to(DT)
     poff = (pt * n_rows + rows[:, None]) * (H * M) + h * M + o_m[None, :]
@@ -196,14 +199,17 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
         tl.store(part + poff, tl.dot(k_t, dsk_d, input_precision=PREC), mask=m_tm)
         dk_acc = tl.dot(w, tl.trans(dsk_d), input_precision=PREC)
         if SPEC:
-            if safe:
-                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, True, rows, o_k, o_m, m_tk, m_tm,
+            if regime == FACTORED:
+                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, FACTORED, rows, o_k, o_m, m_tk, m_tm,
+                                     h, H, G, K, M, C, DT, PREC)
+            elif regime == BLOCKED:
+                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, BLOCKED, rows, o_k, o_m, m_tk, m_tm,
                                      h, H, G, K, M, C, DT, PREC)
             else:
-                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, False, rows, o_k, o_m, m_tk,
+                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, PAIRWISE, rows, o_k, o_m, m_tk,
                                      m_tm, h, H, G, K, M, C, DT, PREC)
         else:
-            dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, safe, rows, o_k, o_m, m_tk, m_tm, h,
+            dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, regime, rows, o_k, o_m, m_tk, m_tm, h,
                                  H, G, K, M, C, DT, PREC)
         tl.store(dk + rows[:, None] * (H * K) + h * K + o_k[None, :], dk_acc.to(dk.dtype.element_ty), mask=m_tk)
     else:
@@ -219,14 +225,17 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
         tl.store(part + poff, tl.dot(v_t, tl.trans(dsv_d), input_precision=PREC), mask=m_tm)
         dv_acc = tl.dot(w, dsv_d, input_precision=PREC)
         if SPEC:
-            if safe:
-                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, True, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M,
+            if regime == FACTORED:
+                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, FACTORED, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M,
+                                  C, DT, PREC)
+            elif regime == BLOCKED:
+                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, BLOCKED, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M,
                                   C, DT, PREC)
             else:
-                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, False, rows, o_v, o_m, m_tv, m_tm, h, H, G, V,
+                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, PAIRWISE, rows, o_v, o_m, m_tv, m_tm, h, H, G, V,
                                   M, C, DT, PREC)
         else:
-            dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, safe, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M, C,
+            dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, regime, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M, C,
                               DT, PREC)
         tl.store(dv + rows[:, None] * (H * V) + h * V + o_v[None, :], dv_acc.to(dv.dtype.element_ty), mask=m_tv)
 
@@ -243,7 +252,7 @@ def _bwd_finish_kernel(s, g, r, dsx, part, carry, ds, dg, chunks, n_chunks, n_ro
     rows = tok0 + o_t
     off = rows[:, None] * (H * M) + h * M + o_m[None, :]
     s_t = tl.load(s + off, mask=m_tm, other=0.).to(tl.float32)
-    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
     to_end = tl.exp(b_end[None, :] - b)
     kvd = tl.full([C, BM], 0., tl.float32)
     cs = tl.full([BM], 0., tl.float32)

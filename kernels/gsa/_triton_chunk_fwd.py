@@ -16,16 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_intra import THRESH, chunk_gates, diag, masked_softmax, op1, op2
+from ._triton_intra import BLOCKED, FACTORED, PAIRWISE, THRESH, chunk_gates, diag, masked_softmax, op1, op2
 
 
 @triton.jit
-def chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, safe, scale, m_m, C: tl.constexpr, DT: tl.constexpr,
+def chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, regime, scale, m_m, C: tl.constexpr, DT: tl.constexpr,
                  PREC: tl.constexpr):
     """One query head's slot logits without their diagonal (i = t) terms, y_off [C, BM] (unscaled),
     the full logits' softmax p, and A = q k^T (q_t, k_t in DT)."""
     a = tl.dot(q_t, tl.trans(k_t), input_precision=PREC)
-    y_off = eb * tl.dot(q_t, hk, input_precision=PREC) + op1(a, s_t, sn, b, eb, safe, C, DT, PREC)
+    y_off = eb * tl.dot(q_t, hk, input_precision=PREC) + op1(a, s_t, sn, b, eb, regime, C, DT, PREC)
     p = masked_softmax((y_off + diag(a, C)[:, None] * s_t) * scale, m_m)
     return y_off, p, a
 
@@ -49,26 +49,29 @@ def _fwd_o_kernel(q, k, v, s, g, snap_k, snap_v, o, chunks, scale, H: tl.constex
                   other=0.).to(DT)
     s_t = tl.load(s + rows[:, None] * (H * M) + h * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :],
                   other=0.).to(tl.float32)
-    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
     sn = (s_t * enb).to(DT)
     hk = tl.load(snap_k + (sidx * H + h) * (K * M) + o_k[:, None] * M + o_m[None, :],
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
     if SPEC:  # one copy of the loop per gate regime: each keeps only the gate tiles it uses live
-        if safe:
-            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, True, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+        if regime == FACTORED:
+            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, FACTORED, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+                         H, G, K, V, C, DT, PREC)
+        elif regime == BLOCKED:
+            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, BLOCKED, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
                          H, G, K, V, C, DT, PREC)
         else:
-            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, False, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, PAIRWISE, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
                          H, G, K, V, C, DT, PREC)
     else:
-        _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+        _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
                      H, G, K, V, C, DT, PREC)
 
 
 @triton.jit
-def _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+def _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
                  H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                  DT: tl.constexpr, PREC: tl.constexpr):
     HQ: tl.constexpr = H * G
@@ -76,8 +79,8 @@ def _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, safe, scale, rows, h, o
         hq = h * G + i
         q_t = tl.load(q + rows[:, None] * (HQ * K) + hq * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                       other=0.).to(DT)
-        y_off, p, a = chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, safe, scale, m_m, C, DT, PREC)
-        a2 = op2(p, s_t, sn, b, eb, safe, C, DT, PREC)
+        y_off, p, a = chunk_logits(q_t, k_t, hk, s_t, sn, b, eb, regime, scale, m_m, C, DT, PREC)
+        a2 = op2(p, s_t, sn, b, eb, regime, C, DT, PREC)
         out = tl.dot((p * eb).to(DT), hv, input_precision=PREC) + tl.dot(a2.to(DT), v_t, input_precision=PREC)
         tl.store(o + rows[:, None] * (HQ * V) + hq * V + o_v[None, :], out.to(o.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])

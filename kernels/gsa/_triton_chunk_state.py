@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_intra import THRESH, chunk_gates, diag, op1t, vsum
+from ._triton_intra import BLOCKED, FACTORED, PAIRWISE, THRESH, chunk_gates, diag, op1t, vsum
 
 
 # ------------------------------------------------------------------ chunk-parallel form + scan
@@ -52,7 +52,7 @@ def _local_fwd_kernel(k, v, s, g, u_k, u_v, dec, chunks, H: tl.constexpr, K: tl.
     o_t, o_m = tl.arange(0, C), tl.arange(0, BM)
     m_t, m_m = o_t < length, o_m < M
     rows = tok0 + o_t
-    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
     sg = tl.load(s + rows[:, None] * (H * M) + h * M + o_m[None, :], mask=m_t[:, None] & m_m[None, :],
                  other=0.).to(tl.float32)
     w = (sg * tl.exp(b_end[None, :] - b)).to(DT)
@@ -76,7 +76,7 @@ def _local_fwd_kernel(k, v, s, g, u_k, u_v, dec, chunks, H: tl.constexpr, K: tl.
 
 
 @triton.jit
-def _local_bwd_tile(x, f, y, u, dsx, row_d, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, safe, H: tl.constexpr,
+def _local_bwd_tile(x, f, y, u, dsx, row_d, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, regime, H: tl.constexpr,
                     G: tl.constexpr, D: tl.constexpr, M: tl.constexpr, sd: tl.constexpr, sm: tl.constexpr,
                     C: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DS: tl.constexpr, DT: tl.constexpr,
                     PREC: tl.constexpr):
@@ -98,7 +98,7 @@ def _local_bwd_tile(x, f, y, u, dsx, row_d, rows, m_t, o_m, m_m, h, slot, n_rows
         acc += tl.dot(tl.trans(xg), (fg * eb).to(DT), input_precision=PREC)
         if DS:
             a = tl.dot(xg, tl.trans(y_t), input_precision=PREC)
-            off += op1t(a, fg, b, eb, enb, safe, C, DT, PREC)
+            off += op1t(a, fg, b, eb, enb, regime, C, DT, PREC)
             dia += diag(a, C)[:, None] * fg
     tl.store(u + (slot * H + h) * (D * M) + o_d[:, None] * sd + o_m[None, :] * sm, acc,
              mask=m_d[:, None] & m_m[None, :])
@@ -121,29 +121,32 @@ def _local_bwd_kernel(q, k, v, do, dy, prob, g, u_k, u_v, dsx, chunks, bslot, n_
     o_t, o_m = tl.arange(0, C), tl.arange(0, BM)
     m_t, m_m = o_t < length, o_m < M
     rows = tok0 + o_t
-    b, b_end, eb, enb, safe = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
+    b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
     if SPEC:  # one copy per gate regime: each keeps only the gate tiles it uses live
-        if safe:
+        if regime == FACTORED:
             _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb,
-                            enb, True, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
+                            enb, FACTORED, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
+        elif regime == BLOCKED:
+            _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb,
+                            enb, BLOCKED, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
         else:
             _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb,
-                            enb, False, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
+                            enb, PAIRWISE, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
     else:
         _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb,
-                        safe, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
+                        regime, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
 
 
 @triton.jit
-def _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, safe,
+def _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, regime,
                     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, DS: tl.constexpr,
                     DT: tl.constexpr, PREC: tl.constexpr):
     if role == 0:
-        _local_bwd_tile(q, dy, k, u_k, dsx, 0, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, safe, H, G, K, M,
+        _local_bwd_tile(q, dy, k, u_k, dsx, 0, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, regime, H, G, K, M,
                         M, 1, C, BK, BM, DS, DT, PREC)
     else:
-        _local_bwd_tile(do, prob, v, u_v, dsx, 2, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, safe, H, G, V,
+        _local_bwd_tile(do, prob, v, u_v, dsx, 2, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, regime, H, G, V,
                         M, 1, V, C, BV, BM, DS, DT, PREC)
 
 

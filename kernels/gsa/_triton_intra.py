@@ -12,16 +12,22 @@ the gate gradient needs the off-diagonal parts alone, because the diagonal terms
 between the query side and the key side, and subtracting them in floating point would leave
 rounding noise far above the true gradient when the forget gates are near 0.
 
-Two exact evaluations, chosen per (chunk, kv head) at run time:
+Three exact evaluations, chosen per (chunk, kv head) at run time (the gate "regime"; which blocks of a
+model's gates take which: kernels/gsa/utils.py:chunk_regimes, scripts/gate_regimes.py):
 
-* factored: D = exp(b_t - r) * exp(r - b_i), one tensor-core product, with r = b at the chunk's
+* FACTORED: D = exp(b_t - r) * exp(r - b_i), one tensor-core product, with r = b at the chunk's
   middle token (row C/2 - 1) per slot. Used only when every |b - r| in the chunk is <= THRESH, so
   neither factor can overflow (and nothing is multiplied by inf). Taking r in the middle rather than
   at the chunk start lets a chunk decay by up to 2 * THRESH in total and stay factored: on a fresh
-  SmolLM2 conversion that sends 7% of the (chunk, kv head) blocks pairwise instead of 44%
-  (scripts/gate_regimes.py).
-* pairwise: a loop over the C key positions with exp(min(b_t - b_j, 0)) masked to i <= t. Exact
-  for any gates (e.g. g = -30 per step, forget gates near 0); slower, taken only for such chunks.
+  SmolLM2 conversion that sends 7% of the (chunk, kv head) blocks elsewhere instead of 44%.
+* BLOCKED: the same per sub-block of SUB key rows, with r_s = b at the sub-block's middle row: one
+  product per sub-block s, restricted to its key columns i, against exp(b_t - r_s) on the query rows
+  t from the sub-block on. Inside the sub-block both factors stay within e^THRESH; after it
+  b_t - r_s <= 0 (b only falls), so nothing overflows there for any gate. Used when every sub-block
+  stays within THRESH of its middle (chunks that decay by up to 2 * THRESH per SUB tokens): on that
+  SmolLM2 conversion, all of the 7% (scripts/gate_regimes.py). C / SUB products instead of one.
+* PAIRWISE: a loop over the C key positions with exp(min(b_t - b_j, 0)) masked to i <= t. Exact
+  for any gates (e.g. g = -30 per step, forget gates near 0); slowest, taken only for such chunks.
 """
 from __future__ import annotations
 
@@ -30,8 +36,15 @@ import os
 import triton
 import triton.language as tl
 
-# Largest |cumulative log gate| inside a chunk for which the factored form is used.
+# Largest |cumulative log gate| inside a chunk (a sub-block) for which the factored (blocked) form is used.
 THRESH = 40.0
+# Rows per sub-block of the blocked form.
+SUB = tl.constexpr(16)
+# The regimes (kernels/gsa/utils.py holds the same numbers for the host side).
+FACTORED = tl.constexpr(0)
+BLOCKED = tl.constexpr(1)
+PAIRWISE = tl.constexpr(2)
+_CLAMP = tl.constexpr(THRESH)
 
 # Running in the Triton interpreter (CPU tests): a few helpers take a formulation the interpreter
 # evaluates quickly (same values). Read when the module is (re)loaded, like Triton itself does.
@@ -62,16 +75,23 @@ def vcumsum(x, REVERSE: tl.constexpr):
 def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, THR: tl.constexpr):
     """Load g [C, BM] of one chunk and kv head; return b = cumsum(g), b at the chunk end, exp(b)
     (the decay from the chunk start, <= 1), exp(r - b) (the factored operand's, clamped, used only
-    when safe; r: b at the middle row) and the run-time flag `safe`."""
+    by the FACTORED and BLOCKED regimes; r: b at the middle row of the chunk, or of the row's sub-block)
+    and the run-time regime (FACTORED, BLOCKED or PAIRWISE)."""
     gg = tl.load(g_ptr + base + o_t[:, None] * row_stride + o_m[None, :],
                  mask=m_t[:, None] & m_m[None, :], other=0.).to(tl.float32)
     b = vcumsum(gg, False)
     b_end = vsum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
     d = b - middle_row(b, o_t, C)[None, :]
-    safe = vmax(vmax(tl.abs(d), 1), 0) <= THR
+    factored = vmax(vmax(tl.abs(d), 1), 0) <= THR
+    regime = tl.where(factored, 0, 2)
+    if C > SUB:
+        d_sub = b - block_refs(b, o_t, C)
+        blocked = vmax(vmax(tl.abs(d_sub), 1), 0) <= THR
+        regime = tl.where(factored, 0, tl.where(blocked, 1, 2))
+        d = tl.where(factored, d, d_sub)
     eb = tl.exp(tl.minimum(b, THR))
     enb = tl.exp(tl.minimum(-d, THR))
-    return b, b_end, eb, enb, safe
+    return b, b_end, eb, enb, regime
 
 
 @triton.jit
@@ -81,8 +101,25 @@ def middle_row(b, o, C: tl.constexpr):
 
 
 @triton.jit
+def block_refs(b, o, C: tl.constexpr):
+    """[C, BM]: for each row, b at the middle row (SUB/2 - 1) of its sub-block of SUB rows."""
+    r = tl.full(b.shape, 0., tl.float32)
+    for s in tl.static_range(C // SUB):
+        r = tl.where((o[:, None] // SUB) == s, _row(b, o, s * SUB + SUB // 2 - 1)[None, :], r)
+    return r
+
+
+@triton.jit
+def block_exp(b, o, s: tl.constexpr):
+    """exp(b_t - r_s) [C, BM] on the rows t from sub-block s on, 0 before it (BLOCKED chunks only: <= e^THRESH
+    inside the sub-block, <= 1 after it)."""
+    r = _row(b, o, s * SUB + SUB // 2 - 1)
+    return tl.where(o[:, None] >= s * SUB, tl.exp(tl.minimum(b - r[None, :], _CLAMP)), 0.)
+
+
+@triton.jit
 def rel_exp(b, C: tl.constexpr):
-    """exp(b - r) [C, BM] (safe chunks only: |b - r| <= THRESH)."""
+    """exp(b - r) [C, BM] (FACTORED chunks only: |b - r| <= THRESH)."""
     return tl.exp(b - middle_row(b, tl.arange(0, C), C)[None, :])
 
 
@@ -106,7 +143,7 @@ def diag(X, C: tl.constexpr):
 
 
 @triton.jit
-def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def op1(X, F, Fn, b, eb, regime, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Y[t, m] = sum_{i<t} X[t, i] F[i, m] exp(b[t, m] - b[i, m]).
 
     X [C, C] fp32, F [C, BM] fp32, Fn = (F * exp(r - b)) in DT (factored operand), b [C, BM]; eb unused
@@ -114,8 +151,13 @@ def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.const
     """
     o = tl.arange(0, C)
     Xc = tl.where(o[:, None] > o[None, :], X, 0.)
-    if safe:
+    if regime == FACTORED:
         Y = rel_exp(b, C) * tl.dot(Xc.to(DT), Fn, input_precision=PREC)
+    elif regime == BLOCKED:
+        Y = tl.full(F.shape, 0., tl.float32)
+        for s in tl.static_range(C // SUB):
+            Xs = tl.where((o[None, :] // SUB) == s, Xc, 0.)
+            Y += block_exp(b, o, s) * tl.dot(Xs.to(DT), Fn, input_precision=PREC)
     else:
         Y = tl.full(F.shape, 0., tl.float32)
         for j in range(C):
@@ -127,13 +169,20 @@ def op1(X, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.const
 
 
 @triton.jit
-def op1t(X, F, b, eb, enb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def op1t(X, F, b, eb, enb, regime, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Y[i, m] = sum_{t>i} X[t, i] F[t, m] exp(b[t, m] - b[i, m]).  X [C, C], F [C, BM] fp32;
     enb = exp(r - b) (chunk_gates), eb unused."""
     o = tl.arange(0, C)
     Xc = tl.where(o[:, None] > o[None, :], X, 0.)
-    if safe:
+    if regime == FACTORED:
         Y = enb * tl.dot(tl.trans(Xc).to(DT), (F * rel_exp(b, C)).to(DT), input_precision=PREC)
+    elif regime == BLOCKED:
+        Xt = tl.trans(Xc).to(DT)
+        Y = tl.full(F.shape, 0., tl.float32)
+        for s in tl.static_range(C // SUB):
+            Ys = tl.dot(Xt, (F * block_exp(b, o, s)).to(DT), input_precision=PREC)
+            Y += tl.where((o[:, None] // SUB) == s, Ys, 0.)
+        Y = enb * Y
     else:
         Y = tl.full(F.shape, 0., tl.float32)
         for j in range(C):
@@ -145,15 +194,22 @@ def op1t(X, F, b, eb, enb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.con
 
 
 @triton.jit
-def op2(P, F, Fn, b, eb, safe, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def op2(P, F, Fn, b, eb, regime, C: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """X[t, i] = sum_m P[t, m] F[i, m] exp(b[t, m] - b[i, m]) for i <= t, else 0.
 
     P, F [C, BM] fp32; Fn = (F * exp(r - b)) in DT; eb unused. Returns [C, C] fp32.
     """
     o = tl.arange(0, C)
     causal = o[:, None] >= o[None, :]
-    if safe:
+    if regime == FACTORED:
         X = tl.dot((P * rel_exp(b, C)).to(DT), tl.trans(Fn), input_precision=PREC)
+        X = tl.where(causal, X, 0.)
+    elif regime == BLOCKED:
+        Fnt = tl.trans(Fn)
+        X = tl.full([C, C], 0., tl.float32)
+        for s in tl.static_range(C // SUB):
+            Xs = tl.dot((P * block_exp(b, o, s)).to(DT), Fnt, input_precision=PREC)
+            X += tl.where((o[None, :] // SUB) == s, Xs, 0.)
         X = tl.where(causal, X, 0.)
     else:
         X = tl.full([C, C], 0., tl.float32)

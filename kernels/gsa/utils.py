@@ -149,15 +149,27 @@ def sequence_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     return host_memo(cu_seqlens, "bounds", lambda: tuple(cu_seqlens.tolist()))
 
 
-def factored_chunks(g: torch.Tensor, chunk: int = 64, thresh: float = 40.0) -> torch.Tensor:
-    """Which (row, chunk, kv head) blocks of log gates g [B, T, H, M] the chunked Triton kernels evaluate
-    in the factored form (True) rather than pairwise: every |b - r| <= thresh, b the cumulative log gate
-    from the chunk start and r its value at the chunk's middle row (``_triton_intra.chunk_gates``; a
-    last, partial chunk is padded with g = 0 as the kernels load it). Returns bool [B, chunks, H]."""
+# The chunked Triton kernels' gate regimes per (row, chunk, kv head) block (_triton_intra.chunk_gates).
+FACTORED, BLOCKED, PAIRWISE = 0, 1, 2
+REGIME_NAMES = ("factored", "blocked", "pairwise")
+
+
+def chunk_regimes(g: torch.Tensor, chunk: int = 64, thresh: float = 40.0, sub: int = 16) -> torch.Tensor:
+    """How the chunked Triton kernels evaluate each (row, chunk, kv head) block of log gates g [B, T, H, M]
+    (``_triton_intra.chunk_gates``): FACTORED when every |b - r| <= thresh, b the cumulative log gate from
+    the chunk start and r its value at the chunk's middle row; else BLOCKED when that holds in every
+    sub-block of ``sub`` rows with r at the sub-block's middle row (chunks longer than ``sub``); else
+    PAIRWISE. A last, partial chunk is padded with g = 0 as the kernels load it. Returns int64 [B, chunks, H]."""
     B, T, H, M = g.shape
     n = -(-T // chunk)
     padded = torch.zeros(B, n * chunk, H, M, dtype=torch.float32, device=g.device)
     padded[:, :T] = g.float()
     b = padded.view(B, n, chunk, H, M).cumsum(2)
-    d = b - b[:, :, chunk // 2 - 1: chunk // 2]
-    return d.abs().amax(dim=(2, 4)) <= thresh
+    factored = (b - b[:, :, chunk // 2 - 1: chunk // 2]).abs().amax(dim=(2, 4)) <= thresh
+    out = torch.full(factored.shape, PAIRWISE, dtype=torch.int64, device=g.device)
+    if chunk > sub:
+        bs = b.view(B, n, chunk // sub, sub, H, M)
+        blocked = (bs - bs[:, :, :, sub // 2 - 1: sub // 2]).abs().amax(dim=(2, 3, 5)) <= thresh
+        out[blocked] = BLOCKED
+    out[factored] = FACTORED
+    return out

@@ -11,7 +11,8 @@ def make_inputs(B, T, HQ, H, K=8, V=8, M=6, dtype=torch.float32, gate="normal", 
 
     gate: 'normal' (alpha around 0.9, s = 1 - alpha as in the layer), 'near0' (alpha ~ 1e-13:
     g ~ -30 per step, forgets at once), 'near1' (alpha ~ 1 - 1e-6: g ~ -1e-6, never forgets), 'strong'
-    (g ~ -1 per step: what converted models' fast-forgetting slots do).
+    (g ~ -1 per step: what converted models' fast-forgetting slots do), 'steep' (g ~ -4 per step: a chunk
+    of 64 decays by ~e^-256, a sub-block of 16 by ~e^-64).
     With extreme gates s is drawn on its own: tied to alpha it would make every slot equal.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -29,6 +30,8 @@ def make_inputs(B, T, HQ, H, K=8, V=8, M=6, dtype=torch.float32, gate="normal", 
         g = -1e-6 * torch.sigmoid(logits)
     elif gate == "strong":  # alpha ~ 0.37: a chunk of 64 decays by ~e^-64, past THRESH from its start
         g = -1.0 + 0.2 * logits.tanh()
+    elif gate == "steep":  # alpha ~ 0.02: past THRESH from a chunk's middle, within it from a sub-block's
+        g = -4.0 + 0.5 * logits.tanh()
     else:
         raise ValueError(gate)
     s = -torch.expm1(g) if gate == "normal" else torch.sigmoid(rnd(B, T, H, M))

@@ -21,7 +21,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU self-chec
 @cpu_only
 def test_bench_script_smoke(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "scripts/bench_kernels.py"), "--smoke", "--skip-fla",
-                          "--no-decode", "--ts", "128", "--out", str(tmp_path)],
+                          "--no-decode", "--ts", "128", "--gates", "normal,steep", "--baseline", str(ROOT), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())
@@ -31,6 +31,11 @@ def test_bench_script_smoke(tmp_path):
     assert row["ours_fwdbwd"] > 0 and row["sdpa_best"] in ("flash", "cudnn", "efficient", "default")
     table = (tmp_path / "bench.md").read_text()
     assert "| 2 x 128 |" in table and "SDPA (causal) by backend" in table
+    gates = results["gates"]  # steep gates take the blocked form, and it agrees with the reference
+    assert gates["normal"]["factored"] == 1 and gates["steep"]["blocked"] == 1, gates
+    assert all(r["err"] < 1e-2 and r["fwdbwd"] > 0 for r in gates.values()), gates
+    assert all(r["base_err"] < 1e-2 and r["base_fwdbwd"] > 0 for r in gates.values()), gates  # --baseline: itself
+    assert "| steep | 2 x 128 | 0% | 100% | 0% |" in table
 
 
 @cpu_only

@@ -11,7 +11,7 @@ import torch
 
 from t2r.kernels.gsa import chunk_gsa, fused_recurrent_gsa, naive_recurrent_gsa
 from t2r.kernels.gsa.chunk_torch import chunk_gsa_torch
-from t2r.kernels.gsa.utils import factored_chunks
+from t2r.kernels.gsa.utils import BLOCKED, FACTORED, PAIRWISE, chunk_regimes
 from tests.kernels.gsa_inputs import make_inputs, rel_err
 from tests.kernels.triton_interp import CUDA, DEVICE, poisoned_outputs, triton_interpreter
 
@@ -95,7 +95,40 @@ def test_chunk_strong_gates_take_the_factored_form_and_stay_exact(dtype):
                               seed=6, device=DEVICE)
     b = inputs[4].double().cpu()[:, :128].reshape(1, 2, 64, 2, 16).cumsum(2)
     assert (b.abs().amax(dim=(2, 4)) > 40).all()  # from the chunk start: past THRESH
-    assert factored_chunks(inputs[4].cpu()).all()  # from the middle: within it
+    assert (chunk_regimes(inputs[4].cpu()) == FACTORED).all()  # from the middle: within it
+    out = run_with_grads(triton_chunk, inputs, h0, poison=True)
+    assert_close(out, reference(inputs, h0), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_steep_gates_take_the_blocked_form_and_stay_exact(dtype):
+    """g ~ -4 per step: each chunk decays by ~e^-256, past THRESH from its middle, but every sub-block of
+    16 rows stays within it from the sub-block's middle, where the blocked form is taken."""
+    *inputs, h0 = make_inputs(1, 130, 4, 2, K=16, V=16, M=16, dtype=dtype, gate="steep", initial_state=True,
+                              seed=8, device=DEVICE)
+    assert (chunk_regimes(inputs[4].cpu())[:, :2] == BLOCKED).all()
+    out = run_with_grads(triton_chunk, inputs, h0, poison=True)
+    assert_close(out, reference(inputs, h0), TOL[dtype])
+
+
+def three_regimes(K, V, dtype, seed):
+    """Inputs [1, 200] with kv head 0 factored except its third chunk (pairwise: g ~ -30) and kv head 1
+    blocked (g ~ -4), slots of different gates mixed inside the blocks."""
+    *inputs, h0 = make_inputs(1, 200, 4, 2, K=K, V=V, M=16, dtype=dtype, initial_state=True, seed=seed,
+                              device=DEVICE)
+    steep = make_inputs(1, 200, 4, 2, K=K, V=V, M=16, dtype=dtype, gate="steep", seed=seed + 1, device=DEVICE)
+    near0 = make_inputs(1, 200, 4, 2, K=K, V=V, M=16, dtype=dtype, gate="near0", seed=seed + 2, device=DEVICE)
+    for i in (3, 4):  # s and g
+        inputs[i][:, :, 1, 8:] = steep[i][:, :, 1, 8:]
+        inputs[i][:, 128:192, 0, :4] = near0[i][:, 128:192, 0, :4]
+    assert chunk_regimes(inputs[4].cpu()).tolist() == [[[FACTORED, BLOCKED], [FACTORED, BLOCKED],
+                                                        [PAIRWISE, BLOCKED], [FACTORED, FACTORED]]]
+    return inputs, h0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_all_three_gate_regimes_in_one_call(dtype):
+    inputs, h0 = three_regimes(16, 16, dtype, seed=30)
     out = run_with_grads(triton_chunk, inputs, h0, poison=True)
     assert_close(out, reference(inputs, h0), TOL[dtype])
 
@@ -164,10 +197,12 @@ def kernel_config(request):
 
 
 @pytest.mark.parametrize("kernel_config", list(CONFIGS), indirect=True)
-@pytest.mark.parametrize("case", ["T200_bf16", "mixed_gates_fp32"])
+@pytest.mark.parametrize("case", ["T200_bf16", "mixed_gates_fp32", "three_regimes_fp32"])
 def test_chunk_kernel_configs(kernel_config, case):
     dtype = torch.bfloat16 if case.endswith("bf16") else torch.float32
-    if case.startswith("mixed"):
+    if case.startswith("three"):
+        inputs, h0 = three_regimes(40, 24, dtype, seed=40)
+    elif case.startswith("mixed"):
         *inputs, h0 = make_inputs(1, 130, 4, 2, K=40, V=24, M=16, dtype=dtype, gate="near0", initial_state=True,
                                   seed=3, device=DEVICE)
         normal = make_inputs(1, 130, 4, 2, K=40, V=24, M=16, dtype=dtype, seed=4, device=DEVICE)
