@@ -3,7 +3,7 @@
 if __name__ == "kernels":
     # This folder was found as a top-level ``kernels`` package: Python runs from the checkout, so the
     # repository root is on sys.path. That name belongs to Hugging Face's ``kernels`` package, which
-    # transformers (5.25 and later) imports. Load the installed one in this module's place; t2r itself
+    # transformers (5.25 and later) imports. Load the installed one in this module's place, if any; t2r itself
     # always imports this folder as ``t2r.kernels``.
     import importlib.machinery
     import importlib.util
@@ -13,9 +13,7 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
-    if _spec is None:
-        raise ImportError("no module named 'kernels' outside the t2r checkout (this folder is t2r.kernels); "
-                          "pip install kernels, which transformers needs")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module
-    _spec.loader.exec_module(_module)
+    if _spec is not None:  # without it, this folder stays what `import kernels` gives (transformers then
+        _module = importlib.util.module_from_spec(_spec)  # finds no version and treats it as absent)
+        sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)
