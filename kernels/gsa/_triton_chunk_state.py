@@ -59,19 +59,20 @@ def _local_fwd_kernel(k, v, s, g, u_k, u_v, dec, chunks, H: tl.constexpr, K: tl.
     if role == 0:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
-        xg = tl.load(k + rows[:, None] * (H * K) + h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                     other=0.).to(DT)
-        u = tl.dot(tl.trans(xg), w, input_precision=PREC)  # [BK, BM]
-        tl.store(u_k + (slot * H + h) * (K * M) + o_k[:, None] * M + o_m[None, :], u,
+        # (names differ between the branches: Triton merges a name both assign, and BK may differ from BV)
+        x_k = tl.load(k + rows[:, None] * (H * K) + h * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.).to(DT)
+        uk = tl.dot(tl.trans(x_k), w, input_precision=PREC)  # [BK, BM]
+        tl.store(u_k + (slot * H + h) * (K * M) + o_k[:, None] * M + o_m[None, :], uk,
                  mask=m_k[:, None] & m_m[None, :])
         tl.store(dec + (c * H + h) * M + o_m, tl.exp(b_end), mask=m_m)
     else:
         o_v = tl.arange(0, BV)
         m_v = o_v < V
-        xg = tl.load(v + rows[:, None] * (H * V) + h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                     other=0.).to(DT)
-        u = tl.dot(tl.trans(xg), w, input_precision=PREC)  # [BV, BM], stored as [M, V]
-        tl.store(u_v + (slot * H + h) * (M * V) + o_m[None, :] * V + o_v[:, None], u,
+        x_v = tl.load(v + rows[:, None] * (H * V) + h * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                      other=0.).to(DT)
+        uv = tl.dot(tl.trans(x_v), w, input_precision=PREC)  # [BV, BM], stored as [M, V]
+        tl.store(u_v + (slot * H + h) * (M * V) + o_m[None, :] * V + o_v[:, None], uv,
                  mask=m_v[:, None] & m_m[None, :])
 
 

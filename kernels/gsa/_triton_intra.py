@@ -82,13 +82,11 @@ def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, TH
     b = vcumsum(gg, False)
     b_end = vsum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
     d = b - middle_row(b, o_t, C)[None, :]
-    factored = vmax(vmax(tl.abs(d), 1), 0) <= THR
-    regime = tl.where(factored, 0, 2)
+    regime = tl.where(vmax(vmax(tl.abs(d), 1), 0) <= THR, 0, 2)
     if C > SUB:
-        d_sub = b - block_refs(b, o_t, C)
-        blocked = vmax(vmax(tl.abs(d_sub), 1), 0) <= THR
-        regime = tl.where(factored, 0, tl.where(blocked, 1, 2))
-        d = tl.where(factored, d, d_sub)
+        if regime != 0:  # the sub-blocks' references only for chunks the factored form cannot take
+            d = b - block_refs(b, o_t, C)
+            regime = tl.where(vmax(vmax(tl.abs(d), 1), 0) <= THR, 1, 2)
     eb = tl.exp(tl.minimum(b, THR))
     enb = tl.exp(tl.minimum(-d, THR))
     return b, b_end, eb, enb, regime
