@@ -5,13 +5,16 @@ Every kernel's output is checked against the fp32 torch reference before it is t
 kernel is reported, not timed). Times are medians of triton.testing.do_bench (CUDA events).
 
     python scripts/bench_kernels.py [--out DIR] [--sweep] [--skip-fla] [--breakdown] [--no-decode] [--ts 2048,4096]
-                                    [--gates normal,strong,steep,near0 [--baseline OTHER_CHECKOUT]]
+                                    [--gates normal,strong,steep,near0] [--real-gates GATES.pt]
+                                    [--baseline OTHER_CHECKOUT]
 
 --breakdown profiles one forward+backward per kernel (torch.profiler) for the configurations in
 --breakdown-configs, against each kernel's FLOP and byte floors; --sweep times the SWEEP
 configurations (the first at every T). --gates times our chunk kernels at the first T under each kind of
 forget gate (tests/kernels/gsa_inputs.py) with the share of chunks each gate regime takes (factored,
-blocked, pairwise: kernels/gsa/_triton_intra.py); --baseline times another checkout's kernels (e.g. a
+blocked, pairwise: kernels/gsa/_triton_intra.py); --real-gates adds a row on a model's own gates (saved by
+`scripts/gate_regimes.py --save`: every layer's gates on one row of text, as the batch, at that model's
+head counts, random q/k/v, s = 1 - exp(g) as the layer makes it); --baseline times another checkout's kernels (e.g. a
 `git worktree add /tmp/base HEAD~1`) on the same inputs, for before/after ratios from one run. fla autotunes on its first call (over 4 minutes on the H200);
 its results from an earlier run are seeded into the Triton cache (--fla-autotune), which brings fla's
 first row to ~20 s. Prints markdown tables (the last one is the summary that
@@ -174,7 +177,22 @@ def load_baseline_kernels(checkout: str):
     return importlib.import_module("t2r_baseline.kernels.gsa")
 
 
-def gate_rows(T, kinds, baseline=None):
+def real_gate_inputs(path, random_gates=False):
+    """q, k, v, s, g at a model's shapes around its saved gates (scripts/gate_regimes.py --save): the layers
+    as the batch; with random_gates, the benchmark's random gates at that shape instead."""
+    saved = torch.load(path)
+    g = saved["g"].to(DEV, torch.float32)  # [L, T, H, M]
+    L, T, Hk, Mk = g.shape
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    r = lambda *sh: torch.randn(*sh, generator=gen, device=DEV)  # noqa: E731
+    d = saved["head_dim"]
+    q, k, v = r(L, T, saved["query_heads"], d), r(L, T, Hk, d), r(L, T, Hk, d)
+    if random_gates:
+        g = F.logsigmoid(r(L, T, Hk, Mk)) / 8
+    return [x.to(DT) for x in (q, k, v, -torch.expm1(g), g)]
+
+
+def gate_rows(T, kinds, baseline=None, real=None):
     """Our chunk kernels under each kind of gate at B x T = TOKENS: the share of (chunk, kv head) blocks in
     each regime, forward and forward+backward ms, and the output's error against the fp32 reference; with
     ``baseline`` (a kernels.gsa module of another checkout) its forward+backward on the same inputs."""
@@ -185,10 +203,14 @@ def gate_rows(T, kinds, baseline=None):
 
     B = max(1, TOKENS // T)
     rows = {}
-    for kind in kinds:
-        x = make_inputs(B, T, HQ, H, K=D, V=D, M=M, dtype=DT, gate=kind, seed=T, device=DEV)
+    for kind in kinds + ([f"normal:{os.path.basename(real)}", f"real:{os.path.basename(real)}"] if real else []):
+        if ":" in kind:  # the saved gates' model shapes, with random ('normal') or the saved ('real') gates
+            x = real_gate_inputs(real, random_gates=kind.startswith("normal"))
+        else:
+            x = make_inputs(B, T, HQ, H, K=D, V=D, M=M, dtype=DT, gate=kind, seed=T, device=DEV)
         regimes = chunk_regimes(x[4])
-        row = {"B": B, "T": T, **{n: (regimes == i).float().mean().item() for i, n in enumerate(REGIME_NAMES)}}
+        row = {"B": x[0].shape[0], "T": x[0].shape[1], "heads": f"{x[0].shape[2]}/{x[1].shape[2]}",
+               **{n: (regimes == i).float().mean().item() for i, n in enumerate(REGIME_NAMES)}}
         do = torch.randn_like(x[0])
         with torch.no_grad():
             row["err"] = rel(chunk_gsa(*x, backend="triton")[0], chunk_gsa_torch(*[t.float() for t in x])[0])
@@ -486,14 +508,15 @@ def tables(gpu, versions):
                      f"{fmt(r.get('sdpa_32768'), 4)} | {ratio(r.get('fla'), r.get('ours'))} | "
                      f"{r['state_bytes_ours'] / 2**10:.0f} KiB | {r['state_bytes_fla'] / 2**10:.0f} KiB | {kv} |")
     if RESULTS["gates"]:
-        base = RESULTS["gates"].get("normal", {}).get("fwdbwd")
         lines += ["", "Our chunk kernels by kind of forget gate (ms; share of (chunk, kv head) blocks per regime; "
-                  "vs normal = normal's fwd+bwd / this one's):", "",
+                  "vs normal = fwd+bwd of the random ('normal') gates at the same shape / this one's; heads: "
+                  "query/kv):", "",
                   "| gates | B x T | factored | blocked | pairwise | fwd | fwd+bwd | vs normal | err "
                   "| baseline fwd+bwd | vs baseline |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for kind, r in RESULTS["gates"].items():
-            lines.append(f"| {kind} | {r['B']} x {r['T']} | {r['factored']:.0%} | {r['blocked']:.0%} | "
+            base = RESULTS["gates"].get(f"normal:{kind.split(':')[1]}" if ":" in kind else "normal", {}).get("fwdbwd")
+            lines.append(f"| {kind} ({r['heads']} heads) | {r['B']} x {r['T']} | {r['factored']:.0%} | {r['blocked']:.0%} | "
                          f"{r['pairwise']:.0%} | {fmt(r.get('fwd'))} | {fmt(r.get('fwdbwd'))} | "
                          f"{ratio(base, r.get('fwdbwd'))} | {r['err']:.1e} | {fmt(r.get('base_fwdbwd'))} | "
                          f"{ratio(r.get('base_fwdbwd'), r.get('fwdbwd'))} |")
@@ -598,7 +621,10 @@ def main():
     ap.add_argument("--ts", default=None)
     ap.add_argument("--gates", default="", help="comma-separated kinds of gate to time the chunk kernels under at "
                     f"the first T: {', '.join(GATE_KINDS)}")
-    ap.add_argument("--baseline", default=None, help="with --gates: also time this other t2r checkout's kernels")
+    ap.add_argument("--real-gates", default=None, help="a model's gates (scripts/gate_regimes.py --save) to time "
+                    "the chunk kernels on, in the --gates table")
+    ap.add_argument("--baseline", default=None, help="with --gates / --real-gates: also time this other t2r "
+                    "checkout's kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     args = ap.parse_args()
     global HQ, H, D, M, G, TOKENS, TS, DEV
@@ -643,9 +669,10 @@ def main():
     except Exception as e:
         RESULTS["errors"]["decode"] = repr(e)[:300]
         traceback.print_exc()
-    if kinds:
+    if kinds or args.real_gates:
         try:
-            RESULTS["gates"] = gate_rows(ts[0], kinds, load_baseline_kernels(args.baseline) if args.baseline else None)
+            RESULTS["gates"] = gate_rows(ts[0], kinds, load_baseline_kernels(args.baseline) if args.baseline else None,
+                                         args.real_gates)
         except Exception as e:
             RESULTS["errors"]["gates"] = repr(e)[:300]
             traceback.print_exc()

@@ -11,6 +11,9 @@ benchmarks) stay factored; converted models' gates may not. This prints, per lay
 
     python scripts/gate_regimes.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf      # fresh conversion
     python scripts/gate_regimes.py --model OUTPUT/model                              # a trained one
+
+--save PATH keeps the gates of the first row (every layer, bf16) with the model's head counts, for
+`scripts/bench_kernels.py --real-gates PATH` to time the kernels on them on a GPU machine.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--save", default=None, help="write the first row's gates of every layer here (torch.save)")
     args = ap.parse_args(argv)
     import yaml
 
@@ -86,6 +90,11 @@ def main(argv=None) -> int:
     n = len(shares)
     print(f"\nall layers: {sum(s[0] for s in shares) / n:.1%} of blocks blocked, "
           f"{sum(s[1] for s in shares) / n:.1%} pairwise")
+    if args.save:
+        layer = next(m for m in model.modules() if isinstance(m, GatedSlotAttention))
+        torch.save({"g": torch.stack([gates[i][0][0] for i in sorted(gates)]).to(torch.bfloat16),  # [L, T, H, M]
+                    "query_heads": layer.num_heads, "head_dim": layer.head_dim, "model": args.model}, args.save)
+        print(f"saved the gates of {len(gates)} layers x {args.seq_len} tokens to {args.save}")
     return 0
 
 

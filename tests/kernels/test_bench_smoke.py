@@ -20,8 +20,14 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU self-chec
 
 @cpu_only
 def test_bench_script_smoke(tmp_path):
+    gates = tmp_path / "gates.pt"  # a real model's gates, as scripts/gate_regimes.py saves them
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/gate_regimes.py"), "--model", "tiny-random-llama",
+                          "--rows", "1", "--seq-len", "128", "--save", str(gates)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
     run = subprocess.run([sys.executable, str(ROOT / "scripts/bench_kernels.py"), "--smoke", "--skip-fla",
-                          "--no-decode", "--ts", "128", "--gates", "normal,steep", "--baseline", str(ROOT), "--out", str(tmp_path)],
+                          "--no-decode", "--ts", "128", "--gates", "normal,steep", "--real-gates", str(gates),
+                          "--baseline", str(ROOT), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())
@@ -33,9 +39,10 @@ def test_bench_script_smoke(tmp_path):
     assert "| 2 x 128 |" in table and "SDPA (causal) by backend" in table
     gates = results["gates"]  # steep gates take the blocked form, and it agrees with the reference
     assert gates["normal"]["factored"] == 1 and gates["steep"]["blocked"] == 1, gates
+    assert {"normal:gates.pt", "real:gates.pt"} <= gates.keys()  # the saved gates, and random ones at their shape
     assert all(r["err"] < 1e-2 and r["fwdbwd"] > 0 for r in gates.values()), gates
     assert all(r["base_err"] < 1e-2 and r["base_fwdbwd"] > 0 for r in gates.values()), gates  # --baseline: itself
-    assert "| steep | 2 x 128 | 0% | 100% | 0% |" in table
+    assert "| steep (8/2 heads) | 2 x 128 | 0% | 100% | 0% |" in table
 
 
 @cpu_only
