@@ -45,8 +45,8 @@ from ._triton_inputs import ChunkTables, PreparedInputs, chunk_tables, prepare, 
 #             at 1.3e-2 on the CPU tests, over their 1e-2 bound: measurement only);
 #   "auto"    "probs" where the tensor cores take 16-bit operands (CUDA, 16-bit inputs), else "fp32";
 # "tile": the key/value tile width of the input-gradient kernels; "spec": compile each loop over
-# query heads once per gate regime (factored / pairwise). Defaults measured fastest on the H200
-# (docs/benchmarks.md); chunk 32 was slower.
+# query heads once for factored chunks and once for the others (blocked or pairwise, told apart inside).
+# Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
 STORES = ("fp32", "states", "probs", "input")
 CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "auto",
           "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 4,

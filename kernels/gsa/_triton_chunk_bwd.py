@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton_chunk_fwd import chunk_logits
-from ._triton_intra import BLOCKED, FACTORED, PAIRWISE, THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
+from ._triton_intra import FACTORED, THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
 
 
 @triton.jit
@@ -54,15 +54,12 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
-    if SPEC:  # one copy of the loop per gate regime: each keeps only the gate tiles it uses live
+    if SPEC:  # a copy of the loop for factored chunks (only their gate tiles live), one for the rest
         if regime == FACTORED:
             racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, FACTORED, scale, rows, h, o_k, o_v, o_m,
                                m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
-        elif regime == BLOCKED:
-            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, BLOCKED, scale, rows, h, o_k, o_v, o_m,
-                               m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
         else:
-            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, PAIRWISE, scale, rows, h, o_k, o_v,
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v,
                                o_m, m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
     else:
         racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, o_m,
@@ -168,8 +165,8 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
                      THR: tl.constexpr):
     """Programs pt < NKT: dq and dk on key tile pt; the others dv on value tile pt - NKT. Each also
     writes its tile's share of k dSk (v dSv^T) and of <dS, H> for the last kernel. SPEC: compile
-    the loop over query heads once per gate regime (factored / blocked / pairwise), so that each copy keeps
-    only the gate tiles it needs live."""
+    the loop over query heads once for factored chunks, so that it keeps only the gate tiles it needs
+    live, and once for the others (blocked or pairwise)."""
     NT: tl.constexpr = NKT + (V + BV - 1) // BV
     # grid (NT * chunks, H): the tiles of one chunk are neighbours (they share dY, p, s, g in L2)
     c, pt, h = tl.program_id(0) // NT, tl.program_id(0) % NT, tl.program_id(1)
@@ -202,11 +199,8 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
             if regime == FACTORED:
                 dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, FACTORED, rows, o_k, o_m, m_tk, m_tm,
                                      h, H, G, K, M, C, DT, PREC)
-            elif regime == BLOCKED:
-                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, BLOCKED, rows, o_k, o_m, m_tk, m_tm,
-                                     h, H, G, K, M, C, DT, PREC)
             else:
-                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, PAIRWISE, rows, o_k, o_m, m_tk,
+                dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, regime, rows, o_k, o_m, m_tk,
                                      m_tm, h, H, G, K, M, C, DT, PREC)
         else:
             dk_acc = _dq_dk_loop(q, dy, dq, dk_acc, k_t, hk_d, s_t, sn, b, eb, regime, rows, o_k, o_m, m_tk, m_tm, h,
@@ -228,11 +222,8 @@ def _bwd_dqkv_kernel(q, k, v, s, g, snap_k, snap_v, ds_k, ds_v, dy, do, prob, dq
             if regime == FACTORED:
                 dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, FACTORED, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M,
                                   C, DT, PREC)
-            elif regime == BLOCKED:
-                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, BLOCKED, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M,
-                                  C, DT, PREC)
             else:
-                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, PAIRWISE, rows, o_v, o_m, m_tv, m_tm, h, H, G, V,
+                dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, regime, rows, o_v, o_m, m_tv, m_tm, h, H, G, V,
                                   M, C, DT, PREC)
         else:
             dv_acc = _dv_loop(do, prob, dv_acc, s_t, sn, b, eb, regime, rows, o_v, o_m, m_tv, m_tm, h, H, G, V, M, C,

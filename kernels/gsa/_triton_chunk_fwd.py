@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_intra import BLOCKED, FACTORED, PAIRWISE, THRESH, chunk_gates, diag, masked_softmax, op1, op2
+from ._triton_intra import FACTORED, THRESH, chunk_gates, diag, masked_softmax, op1, op2
 
 
 @triton.jit
@@ -55,15 +55,12 @@ def _fwd_o_kernel(q, k, v, s, g, snap_k, snap_v, o, chunks, scale, H: tl.constex
                  mask=m_k[:, None] & m_m[None, :], other=0.).to(DT)
     hv = tl.load(snap_v + (sidx * H + h) * (M * V) + o_m[:, None] * V + o_v[None, :],
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
-    if SPEC:  # one copy of the loop per gate regime: each keeps only the gate tiles it uses live
+    if SPEC:  # a copy of the loop for factored chunks (only their gate tiles live), one for the rest
         if regime == FACTORED:
             _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, FACTORED, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
                          H, G, K, V, C, DT, PREC)
-        elif regime == BLOCKED:
-            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, BLOCKED, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
-                         H, G, K, V, C, DT, PREC)
         else:
-            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, PAIRWISE, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
+            _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,
                          H, G, K, V, C, DT, PREC)
     else:
         _fwd_o_heads(q, o, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v, m_t, m_k, m_v, m_m,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_intra import BLOCKED, FACTORED, PAIRWISE, THRESH, chunk_gates, diag, op1t, vsum
+from ._triton_intra import FACTORED, THRESH, chunk_gates, diag, op1t, vsum
 
 
 # ------------------------------------------------------------------ chunk-parallel form + scan
@@ -123,16 +123,13 @@ def _local_bwd_kernel(q, k, v, do, dy, prob, g, u_k, u_v, dsx, chunks, bslot, n_
     m_t, m_m = o_t < length, o_m < M
     rows = tok0 + o_t
     b, b_end, eb, enb, regime = chunk_gates(g, tok0 * (H * M) + h * M, H * M, o_t, m_t, o_m, m_m, C, THR)
-    if SPEC:  # one copy per gate regime: each keeps only the gate tiles it uses live
+    if SPEC:  # a copy for factored chunks (only their gate tiles live), one for the rest
         if regime == FACTORED:
             _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb,
                             enb, FACTORED, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
-        elif regime == BLOCKED:
-            _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb,
-                            enb, BLOCKED, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
         else:
             _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb,
-                            enb, PAIRWISE, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
+                            enb, regime, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
     else:
         _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb,
                         regime, H, G, K, V, M, C, BK, BV, BM, DS, DT, PREC)
