@@ -25,8 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from t2r.kernels.gsa._triton_intra import THRESH  # noqa: E402
-from t2r.kernels.gsa.utils import BLOCKED, PAIRWISE, chunk_regimes  # noqa: E402
+from t2r.kernels.gsa.utils import BLOCKED, PAIRWISE, THRESH, chunk_regimes  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -36,14 +36,15 @@ import os
 import triton
 import triton.language as tl
 
-# Largest |cumulative log gate| inside a chunk (a sub-block) for which the factored (blocked) form is used.
-THRESH = 40.0
-# Rows per sub-block of the blocked form.
-SUB = tl.constexpr(16)
-# The regimes (kernels/gsa/utils.py holds the same numbers for the host side).
-FACTORED = tl.constexpr(0)
-BLOCKED = tl.constexpr(1)
-PAIRWISE = tl.constexpr(2)
+from . import utils as _utils
+from .utils import THRESH
+
+# THRESH (largest |cumulative log gate| from a chunk's or sub-block's middle row for the factored / blocked
+# form), the rows per sub-block and the regimes' codes, as the host side (utils.chunk_regimes) has them.
+SUB = tl.constexpr(_utils.SUB)
+FACTORED = tl.constexpr(_utils.FACTORED)
+BLOCKED = tl.constexpr(_utils.BLOCKED)
+PAIRWISE = tl.constexpr(_utils.PAIRWISE)
 _CLAMP = tl.constexpr(THRESH)
 
 # Running in the Triton interpreter (CPU tests): a few helpers take a formulation the interpreter
@@ -103,16 +104,21 @@ def block_refs(b, o, C: tl.constexpr):
     """[C, BM]: for each row, b at the middle row (SUB/2 - 1) of its sub-block of SUB rows."""
     r = tl.full(b.shape, 0., tl.float32)
     for s in tl.static_range(C // SUB):
-        r = tl.where((o[:, None] // SUB) == s, _row(b, o, s * SUB + SUB // 2 - 1)[None, :], r)
+        r = tl.where((o[:, None] // SUB) == s, block_ref(b, o, s)[None, :], r)
     return r
+
+
+@triton.jit
+def block_ref(b, o, s: tl.constexpr):
+    """r_s: b at the middle row (SUB/2 - 1) of sub-block s, as [BM]."""
+    return _row(b, o, s * SUB + SUB // 2 - 1)
 
 
 @triton.jit
 def block_exp(b, o, s: tl.constexpr):
     """exp(b_t - r_s) [C, BM] on the rows t from sub-block s on, 0 before it (BLOCKED chunks only: <= e^THRESH
     inside the sub-block, <= 1 after it)."""
-    r = _row(b, o, s * SUB + SUB // 2 - 1)
-    return tl.where(o[:, None] >= s * SUB, tl.exp(tl.minimum(b - r[None, :], _CLAMP)), 0.)
+    return tl.where(o[:, None] >= s * SUB, tl.exp(tl.minimum(b - block_ref(b, o, s)[None, :], _CLAMP)), 0.)
 
 
 @triton.jit

@@ -149,12 +149,16 @@ def sequence_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     return host_memo(cu_seqlens, "bounds", lambda: tuple(cu_seqlens.tolist()))
 
 
-# The chunked Triton kernels' gate regimes per (row, chunk, kv head) block (_triton_intra.chunk_gates).
+# The chunked Triton kernels' gate regimes per (row, chunk, kv head) block (_triton_intra.chunk_gates, which
+# takes these numbers): the largest |cumulative log gate| from a chunk's (a sub-block's) middle row for which
+# the factored (blocked) form is used, the rows per sub-block, and the regimes' codes.
+THRESH = 40.0
+SUB = 16
 FACTORED, BLOCKED, PAIRWISE = 0, 1, 2
 REGIME_NAMES = ("factored", "blocked", "pairwise")
 
 
-def chunk_regimes(g: torch.Tensor, chunk: int = 64, thresh: float = 40.0, sub: int = 16) -> torch.Tensor:
+def chunk_regimes(g: torch.Tensor, chunk: int = 64, thresh: float = THRESH, sub: int = SUB) -> torch.Tensor:
     """How the chunked Triton kernels evaluate each (row, chunk, kv head) block of log gates g [B, T, H, M]
     (``_triton_intra.chunk_gates``): FACTORED when every |b - r| <= thresh, b the cumulative log gate from
     the chunk start and r its value at the chunk's middle row; else BLOCKED when that holds in every
