@@ -10,12 +10,13 @@ kernel is reported, not timed). Times are medians of triton.testing.do_bench (CU
 
 --breakdown profiles one forward+backward per kernel (torch.profiler) for the configurations in
 --breakdown-configs, against each kernel's FLOP and byte floors; --sweep times the SWEEP
-configurations (the first at every T). --gates times our chunk kernels at the first T under each kind of
-forget gate (tests/kernels/gsa_inputs.py) with the share of chunks each gate regime takes (factored,
-blocked, pairwise: kernels/gsa/_triton_intra.py); --real-gates adds a row on a model's own gates (saved by
-`scripts/gate_regimes.py --save`: every layer's gates on one row of text, as the batch, at that model's
-head counts, random q/k/v, s = 1 - exp(g) as the layer makes it); --baseline times another checkout's kernels (e.g. a
-`git worktree add /tmp/base HEAD~1`) on the same inputs, for before/after ratios from one run. fla autotunes on its first call (over 4 minutes on the H200);
+configurations (the first at every T). --gates times our chunk kernels at the first T under each kind
+of forget gate (tests/kernels/gsa_inputs.py), with the share of chunks each gate regime takes (factored,
+blocked, pairwise: kernels/gsa/_triton_intra.py). --real-gates adds rows on a model's own gates, saved
+by `scripts/gate_regimes.py --save` (every layer's gates on one row of text as the batch, at that model's
+head counts, random q/k/v, s = 1 - exp(g) as the layer makes it), and on random gates at that shape.
+--baseline times another checkout's kernels (e.g. `git worktree add /tmp/base HEAD~1`) on the same
+inputs, for before/after ratios from one run. fla autotunes on its first call (over 4 minutes on the H200);
 its results from an earlier run are seeded into the Triton cache (--fla-autotune), which brings fla's
 first row to ~20 s. Prints markdown tables (the last one is the summary that
 docs/benchmarks.md carries) and writes the raw numbers to DIR/bench.json after each stage.
@@ -213,7 +214,11 @@ def gate_rows(T, kinds, baseline=None, real=None):
                **{n: (regimes == i).float().mean().item() for i, n in enumerate(REGIME_NAMES)}}
         do = torch.randn_like(x[0])
         with torch.no_grad():
-            row["err"] = rel(chunk_gsa(*x, backend="triton")[0], chunk_gsa_torch(*[t.float() for t in x])[0])
+            ref = chunk_gsa_torch(*[t.float() for t in x])[0]
+            row["err"] = rel(chunk_gsa(*x, backend="triton")[0], ref)
+            if baseline is not None:
+                row["base_err"] = rel(baseline.chunk_gsa(*x, backend="triton")[0], ref)
+        del ref
         if row["err"] < 1e-2:
             ours = leaves(x)
             with torch.no_grad():
@@ -223,11 +228,8 @@ def gate_rows(T, kinds, baseline=None, real=None):
                 chunk_gsa(*ours, backend="triton")[0].backward(do)
 
             row["fwdbwd"] = bench(step, grad_to_none=ours)
-        if baseline is not None:
+        if baseline is not None and row["base_err"] < 1e-2:
             theirs = leaves(x)
-            with torch.no_grad():
-                row["base_err"] = rel(baseline.chunk_gsa(*x, backend="triton")[0], chunk_gsa_torch(
-                    *[t.float() for t in x])[0])
 
             def base_step():
                 baseline.chunk_gsa(*theirs, backend="triton")[0].backward(do)
@@ -236,7 +238,8 @@ def gate_rows(T, kinds, baseline=None, real=None):
         rows[kind] = row
         log(f"gates {kind}: {json.dumps(row)}")
         del x, do
-        torch.cuda.empty_cache() if DEV == "cuda" else None
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -516,8 +519,8 @@ def tables(gpu, versions):
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for kind, r in RESULTS["gates"].items():
             base = RESULTS["gates"].get(f"normal:{kind.split(':')[1]}" if ":" in kind else "normal", {}).get("fwdbwd")
-            lines.append(f"| {kind} ({r['heads']} heads) | {r['B']} x {r['T']} | {r['factored']:.0%} | {r['blocked']:.0%} | "
-                         f"{r['pairwise']:.0%} | {fmt(r.get('fwd'))} | {fmt(r.get('fwdbwd'))} | "
+            lines.append(f"| {kind} ({r['heads']} heads) | {r['B']} x {r['T']} | {r['factored']:.0%} | "
+                         f"{r['blocked']:.0%} | {r['pairwise']:.0%} | {fmt(r.get('fwd'))} | {fmt(r.get('fwdbwd'))} | "
                          f"{ratio(base, r.get('fwdbwd'))} | {r['err']:.1e} | {fmt(r.get('base_fwdbwd'))} | "
                          f"{ratio(r.get('base_fwdbwd'), r.get('fwdbwd'))} |")
     for cfg_name, bd in RESULTS["breakdown"].items():

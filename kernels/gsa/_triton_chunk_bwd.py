@@ -56,8 +56,8 @@ def _bwd_prep_kernel(q, k, v, s, g, snap_k, snap_v, do, prob, dy, r, chunks, sca
                  mask=m_m[:, None] & m_v[None, :], other=0.).to(DT)
     if SPEC:  # a copy of the loop for factored chunks (only their gate tiles live), one for the rest
         if regime == FACTORED:
-            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, FACTORED, scale, rows, h, o_k, o_v, o_m,
-                               m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
+            racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, FACTORED, scale, rows, h, o_k, o_v,
+                               o_m, m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)
         else:
             racc = _prep_heads(q, do, prob, dy, k_t, v_t, hk, hv, s_t, sn, b, eb, regime, scale, rows, h, o_k, o_v,
                                o_m, m_t, m_k, m_v, m_m, H, G, K, V, M, C, BM, DT, PREC)

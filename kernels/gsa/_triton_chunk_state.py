@@ -136,8 +136,8 @@ def _local_bwd_kernel(q, k, v, do, dy, prob, g, u_k, u_v, dsx, chunks, bslot, n_
 
 
 @triton.jit
-def _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb, regime,
-                    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+def _local_bwd_role(q, k, v, do, dy, prob, u_k, u_v, dsx, role, rows, m_t, o_m, m_m, h, slot, n_rows, b, eb, enb,
+                    regime, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, DS: tl.constexpr,
                     DT: tl.constexpr, PREC: tl.constexpr):
     if role == 0:
