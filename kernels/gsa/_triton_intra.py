@@ -36,15 +36,18 @@ import os
 import triton
 import triton.language as tl
 
-from . import utils as _utils
+from .utils import BLOCKED as _BLOCKED
+from .utils import FACTORED as _FACTORED
+from .utils import PAIRWISE as _PAIRWISE
+from .utils import SUB as _SUB
 from .utils import THRESH
 
 # THRESH (largest |cumulative log gate| from a chunk's or sub-block's middle row for the factored / blocked
 # form), the rows per sub-block and the regimes' codes, as the host side (utils.chunk_regimes) has them.
-SUB = tl.constexpr(_utils.SUB)
-FACTORED = tl.constexpr(_utils.FACTORED)
-BLOCKED = tl.constexpr(_utils.BLOCKED)
-PAIRWISE = tl.constexpr(_utils.PAIRWISE)
+SUB = tl.constexpr(_SUB)
+FACTORED = tl.constexpr(_FACTORED)
+BLOCKED = tl.constexpr(_BLOCKED)
+PAIRWISE = tl.constexpr(_PAIRWISE)
 _CLAMP = tl.constexpr(THRESH)
 
 # Running in the Triton interpreter (CPU tests): a few helpers take a formulation the interpreter
