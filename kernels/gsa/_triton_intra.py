@@ -86,11 +86,11 @@ def chunk_gates(g_ptr, base, row_stride, o_t, m_t, o_m, m_m, C: tl.constexpr, TH
     b = vcumsum(gg, False)
     b_end = vsum(tl.where(o_t[:, None] == C - 1, b, 0.), 0)
     d = b - middle_row(b, o_t, C)[None, :]
-    regime = tl.where(vmax(vmax(tl.abs(d), 1), 0) <= THR, 0, 2)
+    regime = tl.where(vmax(vmax(tl.abs(d), 1), 0) <= THR, FACTORED, PAIRWISE)
     if C > SUB:
-        if regime != 0:  # the sub-blocks' references only for chunks the factored form cannot take
+        if regime != FACTORED:  # the sub-blocks' references only for chunks the factored form cannot take
             d = b - block_refs(b, o_t, C)
-            regime = tl.where(vmax(vmax(tl.abs(d), 1), 0) <= THR, 1, 2)
+            regime = tl.where(vmax(vmax(tl.abs(d), 1), 0) <= THR, BLOCKED, PAIRWISE)
     eb = tl.exp(tl.minimum(b, THR))
     enb = tl.exp(tl.minimum(-d, THR))
     return b, b_end, eb, enb, regime
