@@ -8,11 +8,14 @@ memory, HF-generate decoding, batch-1 generation, `t2r convert` wall time and ho
 
 Random weights are enough for speed and memory: the work per token does not depend on the values.
 Both models train the same way: bf16 autocast, gradient checkpointing, LoRA r=8 on q/k/v/o (the
-converted model also trains its new GSA parameters, as `t2r finetune` does), AdamW.
+converted model also trains its new GSA parameters, as `t2r finetune` does), AdamW; each training row
+twice (--recipes): as peft and torch give it (plain), and with what `t2r finetune` adds on a GPU
+(t2r: peft's input casts off, liger's fused RMSNorm and SwiGLU), the teacher too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +34,11 @@ MISTRAL_7B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=
                   intermediate_size=14336, num_layers=32, vocab_size=32000)
 TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
             num_layers=2, vocab_size=512)
+
+
+# --recipes: how both models of a training row step
+RECIPES = {"plain": "peft and torch layers as they come",
+           "t2r": "`t2r finetune`'s step: peft's input casts off, liger RMSNorm and SwiGLU"}
 
 
 def sync(device: torch.device) -> None:
@@ -77,18 +86,37 @@ def with_lora(model, converted: bool):
     return get_peft_model(model, config)
 
 
-def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torch.device, profile: bool = False):
+def tune_like_t2r(model):
+    """The ``t2r`` recipe: liger's RMSNorm and SwiGLU kernels in ``model`` (ours or transformers' Mistral
+    modules) where `t2r finetune` takes them (model.fused_layers: auto, i.e. on CUDA); a context factory
+    to step in: peft's input casts off, as `t2r finetune` steps."""
+    from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
+
+    from t2r.layers.norm import RMSNorm
+    from t2r.models.modeling_t2r import MLP
+    from t2r.train.fused_layers import resolve_fused_layers, use_fused_layers
+    from t2r.train.stages import lora_input_casts_off
+
+    if resolve_fused_layers("auto", model.device)[0] == "liger":
+        use_fused_layers(model, norm_classes=(RMSNorm, MistralRMSNorm), mlp_classes=(MLP, MistralMLP))
+    return lambda: lora_input_casts_off(model)
+
+
+def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torch.device, profile: bool = False,
+               recipe: str = "plain"):
     """Tokens/s of full optimizer steps (forward, backward, AdamW) after two warm-up steps; peak GiB; GiB
     allocated before the first step; with ``profile``, one more step under torch.profiler: its kernels by
-    device time (t2r.train.profiling's report), else None."""
+    device time (t2r.train.profiling's report), else None. ``recipe``: plain (peft and torch layers as
+    they come) or t2r (tune_like_t2r)."""
     model.train()
+    step_context = tune_like_t2r(model) if recipe == "t2r" else contextlib.nullcontext
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     reset_peak(device)
     held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), step_context():
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -183,9 +211,10 @@ def convert_cost(teacher, workdir: Path) -> tuple[float, float, float]:
 
 
 def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path,
-                     dtype: str = "auto") -> tuple[float, float | None]:
+                     dtype: str = "auto", extra: dict | None = None) -> tuple[float, float | None]:
     """The shipped SmolLM2 config with LoRA + KL for ``steps`` finetune steps: median tokens/s, peak GiB.
-    ``dtype``: the converted weights' (``model.conversion.dtype``; the trained ones stay fp32)."""
+    ``dtype``: the converted weights' (``model.conversion.dtype``; the trained ones stay fp32); ``extra``:
+    more config keys to set (dotted key -> value)."""
     out = workdir / "smollm2"
     stages = [{"name": "attention_transfer", "steps": 2, "lr": 1e-2},
               {"name": "finetune", "steps": steps, "lr": 1e-3, "kl_weight": 1.0,
@@ -195,7 +224,7 @@ def smollm2_finetune(gguf: str, steps: int, batch: int, seq: int, workdir: Path,
             "logging.tensorboard": False, "data.mix": [{"dataset": "python-stdlib"}], "data.seq_len": seq,
             "batch.micro_batch_size": batch, "batch.grad_accum": 1,
             # the last two steps (after 2 transfer steps) under torch.profiler (OUTPUT/profile.txt); the median leaves them out
-            "logging.profile_steps": [steps + 1, steps + 2]}
+            "logging.profile_steps": [steps + 1, steps + 2], **(extra or {})}
     cmd = [sys.executable, "-m", "t2r.cli", "finetune", str(ROOT / "configs/smollm2-135m-gsa.yaml"), "--output-dir",
            str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -219,6 +248,9 @@ def main() -> int:
     ap.add_argument("--train", default="8x2048,2x8192", help="training shapes, BATCHxSEQ, comma-separated")
     ap.add_argument("--decode", default="16x4096", help="HF generate shapes, BATCHxPROMPT, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--recipes", default="plain,t2r",
+                    help="training rows, comma-separated: plain (peft and torch layers as they come) and t2r (both "
+                         "models with " + RECIPES["t2r"] + ")")
     ap.add_argument("--skip", default="", help="sections to skip: train,decode,generate,convert")
     ap.add_argument("--smollm2", default=None, help="a SmolLM2-135M-Instruct GGUF or folder: also time its finetune")
     ap.add_argument("--profile-train", action="store_true",
@@ -226,6 +258,8 @@ def main() -> int:
     ap.add_argument("--smollm2-steps", type=int, default=30)
     ap.add_argument("--smollm2-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="the converted weights' dtype in its finetune (auto: as loaded; trained weights stay fp32)")
+    ap.add_argument("--smollm2-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another config key of its finetune (value parsed as YAML), e.g. model.fused_layers=off")
     ap.add_argument("--smollm2-shape", default="8x2048", help="BATCHxSEQ of its finetune steps")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,22 +281,35 @@ def main() -> int:
         rows.append((measure, fmt(teacher, spec), fmt(converted, spec), "-" if ratio is None else f"{ratio:.2f}x"))
         print(rows[-1], flush=True)
 
+    if any("=" not in kv for kv in args.smollm2_set):
+        raise SystemExit(f"--smollm2-set takes KEY=VALUE, got {args.smollm2_set}")
+    recipes = args.recipes.split(",")
+    if not set(recipes) <= set(RECIPES):
+        raise SystemExit(f"--recipes: choose from {', '.join(RECIPES)}, got {args.recipes!r}")
     for b, s in ([tuple(map(int, x.split("x"))) for x in train_shapes] if "train" not in skip else []):
-        results = []
-        for converted in (False, True):
-            teacher = teacher_model(shape, device, dtype)
-            model = converted_model(teacher) if converted else teacher
-            del teacher
-            model = with_lora(model, converted)
-            results.append(train_rate(model, b, s, vocab, args.steps, device, args.profile_train))
-            del model
-        add(f"LoRA train tok/s, {b} x {s}", results[0][0], results[1][0])
-        add(f"peak GPU GiB, LoRA train {b} x {s}", results[0][1], results[1][1], higher_is_better=False, spec=".1f")
-        add(f"  of which held before the first step (weights, adapters), {b} x {s}", results[0][2], results[1][2],
-            higher_is_better=False, spec=".1f")
-        for name, r in zip(("teacher", "t2r GSA"), results):
-            if r[3]:
-                profiles.append(f"{name}, LoRA train {b} x {s}, one profiled step:\n{r[3]}")
+        rates = {}  # recipe -> (teacher tok/s, converted tok/s)
+        for recipe in recipes:
+            results = []
+            for converted in (False, True):
+                teacher = teacher_model(shape, device, dtype)
+                model = converted_model(teacher) if converted else teacher
+                del teacher
+                model = with_lora(model, converted)
+                results.append(train_rate(model, b, s, vocab, args.steps, device, args.profile_train, recipe))
+                del model
+            rates[recipe] = (results[0][0], results[1][0])
+            tag = "" if recipe == "plain" else f", {recipe} step"
+            add(f"LoRA train tok/s, {b} x {s}{tag}", results[0][0], results[1][0])
+            add(f"peak GPU GiB, LoRA train {b} x {s}{tag}", results[0][1], results[1][1], higher_is_better=False,
+                spec=".1f")
+            add(f"  of which held before the first step (weights, adapters), {b} x {s}{tag}", results[0][2],
+                results[1][2], higher_is_better=False, spec=".1f")
+            for name, r in zip(("teacher", "t2r GSA"), results):
+                if r[3]:
+                    profiles.append(f"{name}, LoRA train {b} x {s}{tag}, one profiled step:\n{r[3]}")
+        if {"plain", "t2r"} <= set(rates):
+            add(f"LoRA train tok/s, {b} x {s}: plain teacher, converted t2r step", rates["plain"][0],
+                rates["t2r"][1])
 
     if not {"decode", "generate", "convert"} <= skip:
         teacher = teacher_model(shape, device, dtype)
@@ -293,8 +340,11 @@ def main() -> int:
     if args.smollm2:
         with tempfile.TemporaryDirectory() as tmp:
             b, s = map(int, args.smollm2_shape.split("x"))
-            rate, peak, profile = smollm2_finetune(args.smollm2, args.smollm2_steps, b, s, Path(tmp), args.smollm2_dtype)
+            extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.smollm2_set)}
+            rate, peak, profile = smollm2_finetune(args.smollm2, args.smollm2_steps, b, s, Path(tmp), args.smollm2_dtype,
+                                                   extra)
         weights = "" if args.smollm2_dtype == "auto" else f", {args.smollm2_dtype} weights"
+        weights += "".join(f", {kv}" for kv in args.smollm2_set)
         add(f"SmolLM2-135M finetune (LoRA + KL, {b} x {s}{weights}), median tok/s", None, rate)
         add("SmolLM2-135M finetune peak GPU GiB", None, peak, spec=".1f")
 

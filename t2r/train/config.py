@@ -18,6 +18,11 @@ from ..hub import converted_config
 from ..options import ConversionOptions
 
 
+def off_or_auto(v):
+    """YAML reads a bare off/no/false as False (and on/yes/true as True): for an auto/off choice, off and auto."""
+    return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -26,6 +31,15 @@ class ModelConfig(Strict):
     source: str = Field(description="alias, Hub id, local folder/.gguf, or an already converted t2r folder")
     conversion: ConversionOptions = ConversionOptions()
     gradient_checkpointing: bool = False
+    fused_layers: Literal["auto", "liger", "off"] = Field(
+        "auto", description="training-time RMSNorm and SwiGLU kernels: auto: liger-kernel's fused ones on CUDA when it "
+        "imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA); off: torch. Saved and "
+        "exported models are plain torch either way")
+
+    @field_validator("fused_layers", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        return off_or_auto(v)
 
 
 class SourceFields(Strict):
@@ -178,8 +192,7 @@ class LossConfig(Strict):
     @field_validator("fused", mode="before")
     @classmethod
     def _yaml_booleans(cls, v):
-        """YAML reads a bare off/no/false as False (and on/yes/true as True): off, and auto."""
-        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+        return off_or_auto(v)
 
 
 class LoggingConfig(Strict):
@@ -326,7 +339,7 @@ def dump_config(config: RunConfig) -> str:
 RESUME_FIXED = ("model", "data", "batch.micro_batch_size", "batch.grad_accum", "seed")
 RESUME_FIXED_PER_STAGE = ("name", "lora")
 # inside those, what changes neither the rows nor the weights' meaning: free to change on resume
-RESUME_FREE = ("model.gradient_checkpointing", "data.num_proc", "data.cache_dir")
+RESUME_FREE = ("model.gradient_checkpointing", "model.fused_layers", "data.num_proc", "data.cache_dir")
 
 
 def _first_difference(a, b, key: str) -> str | None:

@@ -29,6 +29,7 @@ from ..paths import check_writable_dir
 from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_sources, map_bars, packed_rows
+from .fused_layers import resolve_fused_layers, use_fused_layers
 from .lock import run_lock
 from .losses import resolve_fused
 from .model_folders import link_checkpoint_model, merged_from_folders, save_adapter, save_model_folder
@@ -85,6 +86,8 @@ class Run:
         # which loss path (loss.fused) runs here; a 'liger' that cannot run fails now, before any work
         self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device,
                                                     self.precision.sharded)
+        self.fused_layers, self._fused_layers_why = resolve_fused_layers(
+            config.model.fused_layers, self.accelerator.device, self.precision.sharded)
         self.state = read_trainer_state(self.resumed_from) if self.resumed_from is not None else TrainerState()
         self.metrics = MetricsFile(self.folder.metrics)
         self._stop_signal = 0
@@ -221,6 +224,14 @@ class Run:
             self._main_log(f"finetune losses: {self.fused} ({self._fused_why})")
         full_kl = any(isinstance(s, FinetuneStage) and s.lora is None and s.kl_weight > 0 for s in cfg.stages)
         self.teacher = frozen_teacher(model).to(acc.device) if full_kl else None
+        if self.fused_layers == "liger":
+            counts = use_fused_layers(model)
+            if self.teacher is not None:
+                use_fused_layers(self.teacher)
+            self._main_log(f"fused layers: liger-kernel's RMSNorm ({counts['RMSNorm']}) and SwiGLU "
+                           f"({counts['SwiGLU']}) ({self._fused_layers_why})")
+        else:
+            self._main_log(f"fused layers: off, torch RMSNorm and SwiGLU ({self._fused_layers_why})")
         if self.lora is not None:
             if acc.is_main_process and self.resumed_from is None:
                 save_model_folder(model, self.tokenizer, self.folder.base)  # what the adapter goes on top of
