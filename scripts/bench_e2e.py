@@ -10,7 +10,8 @@ Random weights are enough for speed and memory: the work per token does not depe
 Both models train the same way: bf16 autocast, gradient checkpointing, LoRA r=8 on q/k/v/o (the
 converted model also trains its new GSA parameters, as `t2r finetune` does), AdamW; each training row
 twice (--recipes): as peft and torch give it (plain), and with what `t2r finetune` adds on a GPU
-(t2r: peft's input casts off, liger's fused RMSNorm and SwiGLU), the teacher too.
+(t2r: peft's input casts off, and liger's fused RMSNorm and SwiGLU as model.fused_layers: auto takes
+them), the teacher too.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_
 
 # --recipes: how both models of a training row step
 RECIPES = {"plain": "peft and torch layers as they come",
-           "t2r": "`t2r finetune`'s step: peft's input casts off, liger RMSNorm and SwiGLU"}
+           "t2r": "`t2r finetune`'s step with model.fused_layers: auto: peft's input casts off, liger RMSNorm and "
+                  "SwiGLU on CUDA"}
 
 
 def sync(device: torch.device) -> None:
@@ -88,8 +90,8 @@ def with_lora(model, converted: bool):
 
 def tune_like_t2r(model):
     """The ``t2r`` recipe: liger's RMSNorm and SwiGLU kernels in ``model`` (ours or transformers' Mistral
-    modules) where `t2r finetune` takes them (model.fused_layers: auto, i.e. on CUDA); a context factory
-    to step in: peft's input casts off, as `t2r finetune` steps."""
+    modules) where `t2r finetune` takes them with model.fused_layers: auto (on CUDA; the default, off,
+    takes torch's); a context factory to step in: peft's input casts off, as `t2r finetune` steps."""
     from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
 
     from t2r.layers.norm import RMSNorm

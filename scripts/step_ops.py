@@ -9,7 +9,8 @@ left out: in total, by operator, and by the line of t2r (or of the GSA kernels' 
 them ("other": autograd's backward, peft, torch). On a CUDA GPU the step runs there as a finetune
 runs it (liger's losses and fused layers where they import); on a CPU the GSA kernels run in the
 Triton interpreter, whose own operators are left out, and the losses and layers are torch's.
-The counts hardly depend on the sequence length; the default is short.
+The counts hardly depend on the sequence length; the default is short. Some operators a CPU splits
+into several are one on CUDA (F.rms_norm's forward), so a CPU's count is somewhat higher.
 
     python scripts/step_ops.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf
 """

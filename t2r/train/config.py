@@ -32,9 +32,9 @@ class ModelConfig(Strict):
     conversion: ConversionOptions = ConversionOptions()
     gradient_checkpointing: bool = False
     fused_layers: Literal["auto", "liger", "off"] = Field(
-        "auto", description="training-time RMSNorm and SwiGLU kernels: auto: liger-kernel's fused ones on CUDA when it "
-        "imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA); off: torch. Saved and "
-        "exported models are plain torch either way")
+        "off", description="training-time RMSNorm and SwiGLU kernels: off (default): torch; auto: liger-kernel's fused "
+        "ones on CUDA when it imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA). Not yet "
+        "run on a GPU by t2r's tests. Saved and exported models are plain torch either way")
 
     @field_validator("fused_layers", mode="before")
     @classmethod
