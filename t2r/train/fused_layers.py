@@ -20,6 +20,7 @@ import torch
 from ..errors import T2RError
 from ..layers.norm import RMSNorm
 from ..models.modeling_t2r import MLP
+from .liger import liger_imports
 
 FUSED_LAYER_CHOICES = ("auto", "liger", "off")
 SILU_NAMES = ("silu", "swish")
@@ -27,12 +28,7 @@ SILU_NAMES = ("silu", "swish")
 
 def liger_layer_functions():
     """(liger's RMSNorm and SiLU-mul autograd functions, None), or (None, the reason they do not import)."""
-    try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except Exception as e:  # not installed, or built for another triton/torch
-        return None, f"{type(e).__name__}: {e}"
-    return (LigerRMSNormFunction, LigerSiLUMulFunction), None
+    return liger_imports("liger_kernel.ops.rms_norm.LigerRMSNormFunction", "liger_kernel.ops.swiglu.LigerSiLUMulFunction")
 
 
 def resolve_fused_layers(choice: str, device, sharded: bool = False) -> tuple[str, str]:
@@ -64,18 +60,6 @@ def resolve_fused_layers(choice: str, device, sharded: bool = False) -> tuple[st
     return "liger", "model.fused_layers: liger"
 
 
-def _liger_rms_norm(self, x: torch.Tensor) -> torch.Tensor:
-    rms_norm = liger_layer_functions()[0][0]
-    # offset 0 (y = w * x_hat), llama casting; in_place=False: the incoming gradient is the residual
-    # stream's too, which liger's in-place backward would overwrite
-    return rms_norm.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
-
-
-def _liger_swiglu(self, x: torch.Tensor) -> torch.Tensor:
-    silu_mul = liger_layer_functions()[0][1]
-    return self.down_proj(silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
-
-
 def use_fused_layers(model: torch.nn.Module, norm_classes: tuple[type, ...] = (RMSNorm,),
                      mlp_classes: tuple[type, ...] = (MLP,)) -> dict[str, int]:
     """Point every RMSNorm and SiLU-gated MLP of ``model`` at liger's kernels; how many of each.
@@ -84,13 +68,26 @@ def use_fused_layers(model: torch.nn.Module, norm_classes: tuple[type, ...] = (R
     transformers' Llama and Mistral ones, work too)."""
     from transformers.activations import ACT2FN
 
+    functions, why = liger_layer_functions()
+    if functions is None:
+        raise T2RError(f"liger-kernel does not import ({why}); install it with pip install 't2r[fused]'")
+    rms_norm, silu_mul = functions
+
+    def liger_rms_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # offset 0 (y = w * x_hat), llama casting; in_place=False: the incoming gradient is the residual
+        # stream's too, which liger's in-place backward would overwrite
+        return rms_norm.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+    def liger_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
+
     silu_classes = tuple({torch.nn.SiLU, *(type(ACT2FN[name]) for name in SILU_NAMES)})
     counts = {"RMSNorm": 0, "SwiGLU": 0}
     for module in model.modules():
         if isinstance(module, norm_classes):
-            module.forward = types.MethodType(_liger_rms_norm, module)
+            module.forward = types.MethodType(liger_rms_norm, module)
             counts["RMSNorm"] += 1
         elif isinstance(module, mlp_classes) and isinstance(module.act_fn, silu_classes):
-            module.forward = types.MethodType(_liger_swiglu, module)
+            module.forward = types.MethodType(liger_swiglu, module)
             counts["SwiGLU"] += 1
     return counts

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import T2RError
+from .liger import liger_imports
 
 FUSED_CHOICES = ("auto", "liger", "chunked", "off")
 
@@ -39,12 +40,8 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
 
 def liger_losses_module():
     """liger-kernel's fused linear cross-entropy and JSD classes, or the reason they do not import."""
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
-    except Exception as e:  # not installed, or built for another triton/torch
-        return None, f"{type(e).__name__}: {e}"
-    return (LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD), None
+    return liger_imports("liger_kernel.transformers.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyLoss",
+                         "liger_kernel.transformers.fused_linear_jsd.LigerFusedLinearJSD")
 
 
 def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]:

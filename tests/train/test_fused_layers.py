@@ -30,6 +30,7 @@ def test_yaml_off_reads_as_off():
     assert ModelConfig(source="x").fused_layers == "off"  # opt-in until its GPU test has run
 
 
+@pytest.mark.skipif(liger_layer_functions()[0] is None, reason="liger-kernel does not import")
 def test_every_norm_and_swiglu_is_taken_and_the_weights_do_not_change():
     _, model, _ = converted(output_norm=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
