@@ -9,9 +9,9 @@ memory, HF-generate decoding, batch-1 generation, `t2r convert` wall time and ho
 Random weights are enough for speed and memory: the work per token does not depend on the values.
 Both models train the same way: bf16 autocast, gradient checkpointing, LoRA r=8 on q/k/v/o (the
 converted model also trains its new GSA parameters, as `t2r finetune` does), AdamW; each training row
-twice (--recipes): as peft and torch give it (plain), and with what `t2r finetune` adds on a GPU
+once per --recipes: as peft and torch give it (plain), with what `t2r finetune` adds on a GPU
 (t2r: peft's input casts off, and liger's fused RMSNorm and SwiGLU as model.fused_layers: auto takes
-them), the teacher too.
+them), and that with each decoder layer compiled (compiled: model.compile: auto); the teacher too.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_
 # --recipes: how both models of a training row step
 RECIPES = {"plain": "peft and torch layers as they come",
            "t2r": "`t2r finetune`'s step with model.fused_layers: auto: peft's input casts off, liger RMSNorm and "
-                  "SwiGLU on CUDA"}
+                  "SwiGLU on CUDA",
+           "compiled": "the t2r step with model.compile: auto: each decoder layer under torch.compile"}
 
 
 def sync(device: torch.device) -> None:
@@ -88,10 +89,11 @@ def with_lora(model, converted: bool):
     return get_peft_model(model, config)
 
 
-def tune_like_t2r(model):
+def tune_like_t2r(model, compiled: bool = False):
     """The ``t2r`` recipe: liger's RMSNorm and SwiGLU kernels in ``model`` (ours or transformers' Mistral
     modules) where `t2r finetune` takes them with model.fused_layers: auto (on CUDA; the default, off,
-    takes torch's); a context factory to step in: peft's input casts off, as `t2r finetune` steps."""
+    takes torch's), with ``compiled`` each decoder layer compiled (model.compile: auto); a context factory to
+    step in: peft's input casts off, as `t2r finetune` steps."""
     from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
 
     from t2r.layers.norm import RMSNorm
@@ -101,6 +103,10 @@ def tune_like_t2r(model):
 
     if resolve_fused_layers("auto", model.device)[0] == "liger":
         use_fused_layers(model, norm_classes=(RMSNorm, MistralRMSNorm), mlp_classes=(MLP, MistralMLP))
+    if compiled:
+        from t2r.train.compiled_layers import compile_layers
+
+        compile_layers(model)
     return lambda: lora_input_casts_off(model)
 
 
@@ -111,7 +117,7 @@ def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torc
     device time (t2r.train.profiling's report), else None. ``recipe``: plain (peft and torch layers as
     they come) or t2r (tune_like_t2r)."""
     model.train()
-    step_context = tune_like_t2r(model) if recipe == "t2r" else contextlib.nullcontext
+    step_context = contextlib.nullcontext if recipe == "plain" else tune_like_t2r(model, recipe == "compiled")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, vocab, (batch, seq), device=device)
@@ -251,8 +257,7 @@ def main() -> int:
     ap.add_argument("--decode", default="16x4096", help="HF generate shapes, BATCHxPROMPT, comma-separated")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--recipes", default="plain,t2r",
-                    help="training rows, comma-separated: plain (peft and torch layers as they come) and t2r (both "
-                         "models with " + RECIPES["t2r"] + ")")
+                    help="training rows, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     ap.add_argument("--skip", default="", help="sections to skip: train,decode,generate,convert")
     ap.add_argument("--smollm2", default=None, help="a SmolLM2-135M-Instruct GGUF or folder: also time its finetune")
     ap.add_argument("--profile-train", action="store_true",
@@ -309,9 +314,9 @@ def main() -> int:
             for name, r in zip(("teacher", "t2r GSA"), results):
                 if r[3]:
                     profiles.append(f"{name}, LoRA train {b} x {s}{tag}, one profiled step:\n{r[3]}")
-        if {"plain", "t2r"} <= set(rates):
-            add(f"LoRA train tok/s, {b} x {s}: plain teacher, converted t2r step", rates["plain"][0],
-                rates["t2r"][1])
+        for recipe in [r for r in recipes if r != "plain"] if "plain" in rates else []:
+            add(f"LoRA train tok/s, {b} x {s}: plain teacher, converted {recipe} step", rates["plain"][0],
+                rates[recipe][1])
 
     if not {"decode", "generate", "convert"} <= skip:
         teacher = teacher_model(shape, device, dtype)

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ._triton_chunk_fwd import chunk_logits
 from ._triton_intra import FACTORED, THRESH, chunk_gates, diag, exclusive_cumsum, op1, op2, vcumsum, vsum
+from ._triton_launch import launch
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def backward_prep(p, do, snap_k, snap_v, tables, num_warps=8, num_stages=2, spec
     dy = torch.empty(d.B, d.T, d.HQ, d.M, device=dev, dtype=p.act_dtype)
     r = torch.empty(d.B, d.T, d.H, d.M, device=dev, dtype=torch.float32)
     if tables.n_chunks:
-        _bwd_prep_kernel[(tables.n_chunks, d.H)](
+        launch(_bwd_prep_kernel, (tables.n_chunks, d.H),
             q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, snap_k=snap_k, snap_v=snap_v, do=do, prob=prob, dy=dy, r=r,
             chunks=tables.chunks, scale=p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=tables.C, BK=p.BK, BV=p.BV,
             BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, SPEC=spec, num_warps=num_warps, num_stages=num_stages)
@@ -277,7 +278,7 @@ def backward_inputs_split(p, do, prob, dy, r, dsx, snap_k, snap_v, ds_k, ds_v, t
         n_rows = d.B * d.T
         part = torch.empty(nkt + nvt, n_rows, d.H, d.M, device=dev, dtype=torch.float32)
         carry = torch.empty(nkt + nvt, n_chunks, d.H, d.M, device=dev, dtype=torch.float32)
-        _bwd_dqkv_kernel[((nkt + nvt) * n_chunks, d.H)](
+        launch(_bwd_dqkv_kernel, ((nkt + nvt) * n_chunks, d.H),
             q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, snap_k=snap_k, snap_v=snap_v, ds_k=ds_k, ds_v=ds_v, dy=dy, do=do,
             prob=prob, dq=dq, dk=dk, dv=dv, part=part, carry=carry, chunks=tables.chunks, n_chunks=n_chunks,
             n_rows=n_rows, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BK=BK, BV=BV, BM=p.BM, NKT=nkt, SPEC=spec,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._triton_intra import FACTORED, THRESH, chunk_gates, diag, masked_softmax, op1, op2
+from ._triton_launch import launch
 
 
 @triton.jit
@@ -88,7 +89,7 @@ def forward_output(p, snap_k, snap_v, tables, num_warps=8, num_stages=2, spec=Fa
     d = p.dims
     o = torch.empty(d.B, d.T, d.HQ, d.V, device=p.q.device, dtype=p.q.dtype)
     if tables.n_chunks:
-        _fwd_o_kernel[(tables.n_chunks, d.H)](
+        launch(_fwd_o_kernel, (tables.n_chunks, d.H),
             q=p.q, k=p.k, v=p.v, s=p.s, g=p.g, snap_k=snap_k, snap_v=snap_v, o=o, chunks=tables.chunks,
             scale=p.scale, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=tables.C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT,
             PREC=p.PREC, THR=THRESH, SPEC=spec, num_warps=num_warps, num_stages=num_stages)

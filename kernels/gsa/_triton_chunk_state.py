@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._triton_intra import FACTORED, THRESH, chunk_gates, diag, op1t, vsum
+from ._triton_launch import launch
 
 
 # ------------------------------------------------------------------ chunk-parallel form + scan
@@ -261,7 +262,7 @@ def forward_states_scan(p, tables, num_warps=4, num_stages=2):
     ht_v = torch.empty(d.N, d.H, d.M, d.V, device=dev, dtype=torch.float32)
     dec = torch.empty(max(n_chunks, 1), d.H, d.M, device=dev, dtype=torch.float32)
     if n_chunks:
-        _local_fwd_kernel[(2 * n_chunks, d.H)](
+        launch(_local_fwd_kernel, (2 * n_chunks, d.H),
             k=p.k, v=p.v, s=p.s, g=p.g, u_k=snap_k, u_v=snap_v, dec=dec, chunks=tables.chunks, H=d.H, K=d.K, V=d.V,
             M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps,
             num_stages=num_stages)
@@ -295,7 +296,7 @@ def backward_states_scan(p, do, dy, prob, dht_k, dht_v, tables, dec, num_warps=4
     n_rows = d.B * d.T
     dsx = torch.empty(4, n_rows, d.H, d.M, device=dev, dtype=torch.float32) if ds else dh0_k
     if n_chunks:
-        _local_bwd_kernel[(2 * n_chunks, d.H)](
+        launch(_local_bwd_kernel, (2 * n_chunks, d.H),
             q=p.q, k=p.k, v=p.v, do=do, dy=dy, prob=prob, g=p.g, u_k=ds_k, u_v=ds_v, dsx=dsx, chunks=tables.chunks,
             bslot=tables.bslot, n_rows=n_rows, H=d.H, G=d.G, K=d.K, V=d.V, M=d.M, C=C, BK=p.BK, BV=p.BV, BM=p.BM,
             DS=ds, SPEC=spec, DT=p.DT, PREC=p.PREC, THR=THRESH, num_warps=num_warps, num_stages=num_stages)

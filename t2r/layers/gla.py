@@ -125,6 +125,7 @@ class GatedLinearAttention(GatedSlotAttention):
             q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         return (q, k, self.v_activation(v0), s.to(dt), g.to(dt)), (qr, kr, v0)
 
+    @torch.compiler.disable  # as GatedSlotAttention._gsa: outside torch.compile's graphs
     def _gsa(self, q, k, v, s, g, ctx: AttentionContext, state, want_state: bool):
         B, T = q.shape[:2]
         k = k * s  # the write weight: no write at padding, nor (window hybrid) before a document starts

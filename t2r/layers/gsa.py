@@ -144,6 +144,7 @@ class GatedSlotAttention(SoftmaxAttention):
         q, k, v = self.q_map(q).to(dt), self.k_map(k).to(dt), self.v_activation(v0)
         return (q, k, v, s.to(dt), g.to(dt)), (qr, kr, v0)
 
+    @torch.compiler.disable  # the kernels stay outside torch.compile's graphs (model.compile): a graph break
     def _gsa(self, q, k, v, s, g, ctx: AttentionContext, state, want_state: bool):
         B, T = q.shape[:2]
         if ctx.cu_seqlens is not None:  # packed documents: one long row, state reset per document

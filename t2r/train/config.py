@@ -33,10 +33,16 @@ class ModelConfig(Strict):
     gradient_checkpointing: bool = False
     fused_layers: Literal["auto", "liger", "off"] = Field(
         "off", description="training-time RMSNorm and SwiGLU kernels: off (default): torch; auto: liger-kernel's fused "
-        "ones on CUDA when it imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA). Not yet "
-        "run on a GPU by t2r's tests. Saved and exported models are plain torch either way")
+        "ones on CUDA when it imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA). Their "
+        "GPU test against torch passed on an H100; their speed is not measured yet. Saved and exported models are "
+        "plain torch either way")
 
-    @field_validator("fused_layers", mode="before")
+    compile: Literal["auto", "always", "off"] = Field(
+        "off", description="torch.compile each decoder layer for training (the model's and the teacher's): off "
+        "(default); auto (or true): on CUDA, else off; always: on any device (a CPU compiles slowly). Off under FSDP. The GSA kernels "
+        "run as they are; saved and exported models are plain torch either way")
+
+    @field_validator("fused_layers", "compile", mode="before")
     @classmethod
     def _yaml_booleans(cls, v):
         return off_or_auto(v)
@@ -339,7 +345,7 @@ def dump_config(config: RunConfig) -> str:
 RESUME_FIXED = ("model", "data", "batch.micro_batch_size", "batch.grad_accum", "seed")
 RESUME_FIXED_PER_STAGE = ("name", "lora")
 # inside those, what changes neither the rows nor the weights' meaning: free to change on resume
-RESUME_FREE = ("model.gradient_checkpointing", "model.fused_layers", "data.num_proc", "data.cache_dir")
+RESUME_FREE = ("model.gradient_checkpointing", "model.fused_layers", "model.compile", "data.num_proc", "data.cache_dir")
 
 
 def _first_difference(a, b, key: str) -> str | None:

@@ -29,6 +29,7 @@ from ..paths import check_writable_dir
 from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_sources, map_bars, packed_rows
+from .compiled_layers import compile_layers, resolve_compile
 from .fused_layers import resolve_fused_layers, use_fused_layers
 from .lock import run_lock
 from .losses import resolve_fused
@@ -88,6 +89,8 @@ class Run:
                                                     self.precision.sharded)
         self.fused_layers, self._fused_layers_why = resolve_fused_layers(
             config.model.fused_layers, self.accelerator.device, self.precision.sharded)
+        self.compile, self._compile_why = resolve_compile(config.model.compile, self.accelerator.device,
+                                                          self.precision.sharded)
         self.state = read_trainer_state(self.resumed_from) if self.resumed_from is not None else TrainerState()
         self.metrics = MetricsFile(self.folder.metrics)
         self._stop_signal = 0
@@ -242,6 +245,11 @@ class Run:
                 # in all the versions t2r supports: the old name, without its FutureWarning at every run
                 warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.compile:
+            n = compile_layers(model) + (compile_layers(self.teacher) if self.teacher is not None else 0)
+            self._main_log(f"compiled layers: {n} decoder layers, torch.compile ({self._compile_why})")
+        else:
+            self._main_log(f"compiled layers: none ({self._compile_why})")
         model.train()
         # One optimizer for the whole run, prepared together with the model (FSDP2 needs both at
         # once). A stage's frozen parameters get no gradient, so AdamW leaves them alone, and each

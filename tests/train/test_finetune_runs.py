@@ -71,6 +71,18 @@ def test_two_processes_give_the_losses_of_one(tiny_run, tmp_path):
         assert a["tokens"] == b["tokens"]
 
 
+def test_compiled_layers_give_the_losses_of_eager_ones(tiny_run, tmp_path):
+    """model.compile: always (torch.compile's inductor on the CPU) through both stages: the eager run's losses."""
+    out, _ = tiny_run
+    r = run(finetune_cmd(tmp_path / "compiled", "eval.every_steps=3", "model.compile=always"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled layers: 4 decoder layers, torch.compile (model.compile: always, on cpu)" in r.stdout
+    eager, compiled = metrics(out), metrics(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 10
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+
+
 def test_resume_after_kill_9_continues_exactly(tmp_path):
     whole = run(finetune_cmd(tmp_path / "whole", *LONG))
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -27,7 +27,7 @@ def test_auto_is_torch_off_gpus_and_under_fsdp_and_liger_fails_clearly_there():
 def test_yaml_off_reads_as_off():
     assert ModelConfig(source="x", fused_layers=False).fused_layers == "off"
     assert ModelConfig(source="x", fused_layers=True).fused_layers == "auto"
-    assert ModelConfig(source="x").fused_layers == "off"  # opt-in until its GPU test has run
+    assert ModelConfig(source="x").fused_layers == "off"  # opt-in until its speed is measured
 
 
 @pytest.mark.skipif(liger_layer_functions()[0] is None, reason="liger-kernel does not import")

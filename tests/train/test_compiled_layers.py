@@ -1,0 +1,69 @@
+"""model.compile: where a run compiles its decoder layers, the errors for a choice that cannot run, and
+compiled layers (torch.compile's inductor, here on the CPU) giving the eager loss and gradients, with the
+GSA kernels outside the graphs and one compile shared by every layer."""
+import pytest
+import torch
+
+from t2r.errors import T2RError
+from t2r.models.modeling_t2r import T2RDecoderLayer
+from t2r.train.compiled_layers import compile_layers, decoder_layer_classes, resolve_compile
+from t2r.train.config import ModelConfig
+from tests.conftest import converted
+
+
+def test_auto_compiles_on_cuda_only_and_never_under_fsdp():
+    assert resolve_compile("auto", "cpu")[0] is False
+    assert resolve_compile("auto", "cuda")[0] is True
+    assert resolve_compile("always", "cpu")[0] is True
+    assert resolve_compile("off", "cuda")[0] is False
+    assert resolve_compile("auto", "cuda", sharded=True) == (False, "model.compile: auto, under FSDP")
+    with pytest.raises(T2RError, match="always is not supported under FSDP yet; set model.compile: auto or off"):
+        resolve_compile("always", "cuda", sharded=True)
+    with pytest.raises(T2RError, match="must be one of auto, always, off"):
+        resolve_compile("fast", "cpu")
+
+
+def test_yaml_booleans_read_as_off_and_auto():
+    assert ModelConfig(source="x", compile=False).compile == "off"
+    assert ModelConfig(source="x", compile=True).compile == "auto"
+    assert ModelConfig(source="x").compile == "off"
+
+
+def test_the_layer_classes_of_both_models_are_found():
+    teacher, model, _ = converted()
+    assert decoder_layer_classes(model) == (T2RDecoderLayer,)
+    assert [c.__name__ for c in decoder_layer_classes(teacher)] == ["LlamaDecoderLayer"]
+    with pytest.raises(T2RError, match="names no decoder layer class"):
+        compile_layers(torch.nn.Linear(2, 2))
+
+
+def _loss_and_grads(model, ids, cu_seqlens):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, cu_seqlens=cu_seqlens).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    _, model, _ = converted(output_norm=True)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    ids = torch.randint(2, 258, (1, 80))
+    batches = [torch.tensor([0, 33, 80], dtype=torch.int32), torch.tensor([0, 7, 50, 61, 80], dtype=torch.int32)]
+    eager = [_loss_and_grads(model, ids, cu) for cu in batches]
+    assert compile_layers(model) == model.config.num_hidden_layers
+    assert model.state_dict().keys() == state.keys()  # the folder a run saves keeps its names
+    for (loss, grads), cu in zip(eager, batches):
+        c_loss, c_grads = _loss_and_grads(model, ids, cu)
+        assert torch.isfinite(c_loss) and torch.allclose(c_loss, loss, rtol=1e-5)
+        assert c_grads.keys() == grads.keys()
+        for n, g in grads.items():
+            assert torch.allclose(c_grads[n], g, rtol=1e-4, atol=1e-6), n
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("_gsa" in reason for reason in breaks)  # the kernels run outside the graphs
+    # every layer shares the compiled code: the graphs do not grow with the depth
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] < model.config.num_hidden_layers * 2
