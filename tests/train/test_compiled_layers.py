@@ -53,17 +53,21 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     ids = torch.randint(2, 258, (1, 80))
-    batches = [torch.tensor([0, 33, 80], dtype=torch.int32), torch.tensor([0, 7, 50, 61, 80], dtype=torch.int32)]
+    batches = [torch.tensor(cu, dtype=torch.int32) for cu in ([0, 33, 80], [0, 7, 50, 61, 80], [0, 80],
+                                                              [0, 5, 9, 30, 31, 70, 80])]
     eager = [_loss_and_grads(model, ids, cu) for cu in batches]
     assert compile_layers(model) == model.config.num_hidden_layers
     assert model.state_dict().keys() == state.keys()  # the folder a run saves keeps its names
+    graphs = []
     for (loss, grads), cu in zip(eager, batches):
         c_loss, c_grads = _loss_and_grads(model, ids, cu)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         assert torch.isfinite(c_loss) and torch.allclose(c_loss, loss, rtol=1e-5)
         assert c_grads.keys() == grads.keys()
         for n, g in grads.items():
             assert torch.allclose(c_grads[n], g, rtol=1e-4, atol=1e-6), n
     breaks = torch._dynamo.utils.counters["graph_break"]
     assert breaks and all("_gsa" in reason for reason in breaks)  # the kernels run outside the graphs
-    # every layer shares the compiled code: the graphs do not grow with the depth
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] < model.config.num_hidden_layers * 2
+    # every layer shares the compiled code (the graphs do not grow with the depth), and a batch with another
+    # number of documents does not compile again
+    assert graphs[0] < model.config.num_hidden_layers * 2 and graphs == graphs[:1] * len(graphs)
