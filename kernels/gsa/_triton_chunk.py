@@ -46,11 +46,13 @@ from ._triton_inputs import ChunkTables, PreparedInputs, chunk_tables, prepare, 
 #   "auto"    "probs" where the tensor cores take 16-bit operands (CUDA, 16-bit inputs), else "fp32";
 # "tile": the key/value tile width of the input-gradient kernels; "spec": compile each loop over
 # query heads once for factored chunks and once for the others (blocked or pairwise, told apart inside).
-# Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower.
+# Defaults measured fastest on the H200 (docs/benchmarks.md); chunk 32 was slower. "stages_prep" is 2:
+# with "spec" (two copies of its loop) the prep kernel needs 270,336 bytes of shared memory at 3 stages
+# at Mistral-7B's shapes, over Hopper's 232,448 (scripts/kernel_smem.py prints every kernel's need).
 STORES = ("fp32", "states", "probs", "input")
 CONFIG = {"chunk": 64, "warps_state": 4, "warps_fwd": 4, "warps_bwd": 8, "stages": 2, "store": "auto",
           "tile": 128, "warps_split": 8, "warps_local": 8, "warps_finish": 4,
-          "spec": True, "stages_prep": 3, "stages_local": 3, "stages_split": 3}
+          "spec": True, "stages_prep": 2, "stages_local": 3, "stages_split": 3}
 
 
 @dataclass(frozen=True)

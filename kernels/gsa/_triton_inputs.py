@@ -78,6 +78,12 @@ def prepare(q, k, v, s, g, scale, initial_state, cu_seqlens, what: str) -> Prepa
                            default_scale(scale, dims.K), hk0, hv0, cu_seqlens, dims)
 
 
+def fp32_operands(q: torch.Tensor) -> bool:
+    """Whether the kernels multiply fp32 (IEEE) operands: for fp32 inputs, and on CPU (the Triton
+    interpreter multiplies bf16 tiles as raw integers in triton 3.9) whatever the input dtype."""
+    return q.dtype == torch.float32 or not q.is_cuda
+
+
 def prepared_inputs(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens,
                     dims: GSADims | None = None) -> PreparedInputs:
     """The PreparedInputs of inputs that :func:`prepare` has checked and made contiguous (the
@@ -86,9 +92,7 @@ def prepared_inputs(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens,
         B, T, HQ, K = q.shape
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         dims = GSADims(B=B, T=T, HQ=HQ, H=k.shape[2], K=K, V=v.shape[-1], M=s.shape[-1], N=N)
-    # fp32 inputs: fp32 (IEEE) tensor-core operands. The Triton interpreter multiplies bf16 tiles
-    # as raw integers (triton 3.9), so on CPU the operands stay fp32 whatever the input dtype.
-    fp32 = q.dtype == torch.float32 or not q.is_cuda
+    fp32 = fp32_operands(q)
     return PreparedInputs(
         dims=dims, q=q, k=k, v=v, s=s, g=g, scale=scale, hk0=hk0, hv0=hv0, cu_seqlens=cu_seqlens,
         BK=block(dims.K), BV=block(dims.V), BM=block(dims.M),
