@@ -5,7 +5,8 @@ Each pipelining stage keeps one more copy of a loop's input tiles in shared memo
 depends on the shapes (head dims, slots), on which branches a kernel compiles and on the GPU (about
 227 KiB a block on Hopper, 99 KiB on consumer cards). Triton reports a kernel that does not fit when
 it loads it, before anything runs (``OutOfResources``); ``launch`` then takes one stage fewer, down to
-one, and remembers the count that fit for that kernel and those compile-time arguments.
+one, and remembers the count that fit for that kernel and those compile-time arguments. A kernel
+that does not fit with one stage fails with an error that names the torch path.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _compile_key(kernel, num_stages: int, kwargs: dict) -> tuple:
 
 def launch(kernel, grid, num_stages: int, **kwargs) -> int:
     """``kernel[grid](**kwargs, num_stages=...)`` with the most stages up to ``num_stages`` that fit in
-    shared memory; returns the count it ran with. A kernel that does not fit with one stage raises."""
+    shared memory; returns the count it ran with. A kernel that does not fit with one stage raises
+    RuntimeError, naming the torch path."""
     key = _compile_key(kernel, num_stages, kwargs)
     stages = _FITTED.get(key, num_stages)
     while True:
@@ -37,7 +39,11 @@ def launch(kernel, grid, num_stages: int, **kwargs) -> int:
             kernel[grid](**kwargs, num_stages=stages)
         except OutOfResources as err:
             if stages <= 1:
-                raise
+                name = getattr(kernel, "__name__", kernel)
+                raise RuntimeError(
+                    f"the GSA kernel {name} does not fit this GPU's shared memory even with one pipelining stage "
+                    f"({err}); run the torch implementation instead: T2R_GSA_BACKEND=torch (or backend='torch'), "
+                    "or a GPU with more shared memory per block") from err
             log.info("%s: %s; retrying with %d pipelining stages", getattr(kernel, "__name__", kernel), err,
                      stages - 1)
             stages -= 1

@@ -35,5 +35,6 @@ def test_too_many_stages_step_down_to_what_fits_and_the_count_is_remembered():
 def test_a_kernel_that_fits_keeps_its_stages_and_one_that_never_fits_raises():
     fits = Kernel(fits=3)
     assert launch(fits, (1,), num_stages=3, out=[], K=16) == 3 and fits.tries == [3]
-    with pytest.raises(OutOfResources):
+    with pytest.raises(RuntimeError, match="even with one pipelining stage .*T2R_GSA_BACKEND=torch") as err:
         launch(Kernel(fits=0), (1,), num_stages=2, out=[], K=16)
+    assert isinstance(err.value.__cause__, OutOfResources)
