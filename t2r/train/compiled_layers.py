@@ -19,6 +19,7 @@ import torch
 from ..errors import T2RError
 
 COMPILE_CHOICES = ("auto", "always", "off")
+RECOMPILE_LIMIT = 64
 
 
 def resolve_compile(choice: str, device, sharded: bool = False) -> tuple[bool, str]:
@@ -55,6 +56,11 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
         raise T2RError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
                        "set model.compile: off")
     layers = [m for m in model.modules() if isinstance(m, classes)]
+    # one compiled variant per layer kind (GSA, softmax), mode (training, attention transfer, the teacher's
+    # forward with the adapters off, evaluation) and whether the layer's input needs a gradient (not the
+    # first layer's, under frozen embeddings): more than dynamo's default of 8 a function, past which it
+    # would run the rest eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for layer in layers:
         layer.compile(backend=backend)
     return len(layers)
