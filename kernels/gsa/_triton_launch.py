@@ -22,9 +22,9 @@ _FITTED: dict[tuple, int] = {}
 
 
 def _compile_key(kernel, num_stages: int, kwargs: dict) -> tuple:
-    # the arguments that select a compiled variant (ints, flags, strings, dtypes); not tensors nor floats
-    fixed = tuple((k, v) for k, v in sorted(kwargs.items(), key=lambda kv: kv[0])
-                  if isinstance(v, (int, str)) or isinstance(v, tl.dtype))
+    # the arguments that select a compiled variant (ints, flags, strings, dtypes); not tensors nor floats.
+    # Each call site passes its keywords in one order, so no sorting on this per-launch path
+    fixed = tuple((k, v) for k, v in kwargs.items() if isinstance(v, (int, str, tl.dtype)))
     return kernel, num_stages, fixed
 
 
@@ -38,14 +38,13 @@ def launch(kernel, grid, num_stages: int, **kwargs) -> int:
         try:
             kernel[grid](**kwargs, num_stages=stages)
         except OutOfResources as err:
+            name = getattr(kernel, "__name__", kernel)
             if stages <= 1:
-                name = getattr(kernel, "__name__", kernel)
                 raise RuntimeError(
                     f"the GSA kernel {name} does not fit this GPU's shared memory even with one pipelining stage "
                     f"({err}); run the torch implementation instead: T2R_GSA_BACKEND=torch (or backend='torch'), "
                     "or a GPU with more shared memory per block") from err
-            log.info("%s: %s; retrying with %d pipelining stages", getattr(kernel, "__name__", kernel), err,
-                     stages - 1)
+            log.info("%s: %s; retrying with %d pipelining stages", name, err, stages - 1)
             stages -= 1
             continue
         _FITTED[key] = stages
