@@ -314,7 +314,7 @@ def main() -> int:
             for name, r in zip(("teacher", "t2r GSA"), results):
                 if r[3]:
                     profiles.append(f"{name}, LoRA train {b} x {s}{tag}, one profiled step:\n{r[3]}")
-        for recipe in [r for r in recipes if r != "plain"] if "plain" in rates else []:
+        for recipe in (r for r in recipes if r != "plain" and "plain" in rates):
             add(f"LoRA train tok/s, {b} x {s}: plain teacher, converted {recipe} step", rates["plain"][0],
                 rates[recipe][1])
 

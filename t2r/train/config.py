@@ -39,8 +39,8 @@ class ModelConfig(Strict):
 
     compile: Literal["auto", "always", "off"] = Field(
         "off", description="torch.compile each decoder layer for training (the model's and the teacher's): off "
-        "(default); auto (or true): on CUDA, else off; always: on any device (a CPU compiles slowly). Off under FSDP. The GSA kernels "
-        "run as they are; saved and exported models are plain torch either way")
+        "(default); auto (or true): on CUDA, else off; always: on any device (a CPU compiles slowly). Off under FSDP. "
+        "The GSA kernels run as they are; saved and exported models are plain torch either way")
 
     @field_validator("fused_layers", "compile", mode="before")
     @classmethod

@@ -27,9 +27,9 @@ from ..errors import T2RError
 from ..hub import ALIAS_LICENSES
 from ..paths import check_writable_dir
 from .checkpoint import TrainerState, intact_checkpoint, latest_checkpoint, read_trainer_state, save_checkpoint
+from .compiled_layers import compile_layers, resolve_compile
 from .config import AttentionTransferStage, FinetuneStage, RunConfig, dump_config, resume_mismatch
 from .data import RowOrder, collate, load_sources, map_bars, packed_rows
-from .compiled_layers import compile_layers, resolve_compile
 from .fused_layers import resolve_fused_layers, use_fused_layers
 from .lock import run_lock
 from .losses import resolve_fused
