@@ -11,12 +11,14 @@ Both models train the same way: bf16 autocast, gradient checkpointing, LoRA r=8 
 converted model also trains its new GSA parameters, as `t2r finetune` does), AdamW; each training row
 once per --recipes: as peft and torch give it (plain), with what `t2r finetune` adds on a GPU
 (t2r: peft's input casts off, and liger's fused RMSNorm and SwiGLU as model.fused_layers: auto takes
-them), and that with each decoder layer compiled (compiled: model.compile: auto); the teacher too.
+them), and with each decoder layer compiled instead (compiled: model.compile: auto; without gradient
+checkpointing, which compile does not go with yet); the teacher too.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -41,7 +43,16 @@ TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_
 RECIPES = {"plain": "peft and torch layers as they come",
            "t2r": "`t2r finetune`'s step with model.fused_layers: auto: peft's input casts off, liger RMSNorm and "
                   "SwiGLU on CUDA",
-           "compiled": "the t2r step with model.compile: auto: each decoder layer under torch.compile"}
+           "compiled": "`t2r finetune`'s step with model.compile: auto: each decoder layer under torch.compile, peft's "
+                       "input casts off, no gradient checkpointing (compile does not go with it yet; more memory), "
+                       "liger's layers off (compiled layers fuse their own)"}
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect what a dropped model left in reference cycles, and give its cached GPU blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:
@@ -77,14 +88,15 @@ def converted_model(teacher):
     return convert_model(teacher, ConversionOptions()).to(teacher.device).eval()
 
 
-def with_lora(model, converted: bool):
+def with_lora(model, converted: bool, checkpointing: bool = True):
     from peft import LoraConfig, get_peft_model
 
     from t2r.train.stages import gsa_modules_present
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         modules_to_save=gsa_modules_present(model) if converted else None, task_type="CAUSAL_LM")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return get_peft_model(model, config)
 
@@ -101,7 +113,7 @@ def tune_like_t2r(model, compiled: bool = False):
     from t2r.train.fused_layers import resolve_fused_layers, use_fused_layers
     from t2r.train.stages import lora_input_casts_off
 
-    if resolve_fused_layers("auto", model.device)[0] == "liger":
+    if resolve_fused_layers("auto", model.device, compiled=compiled)[0] == "liger":
         use_fused_layers(model, norm_classes=(RMSNorm, MistralRMSNorm), mlp_classes=(MLP, MistralMLP))
     if compiled:
         from t2r.train.compiled_layers import compile_layers
@@ -301,9 +313,10 @@ def main() -> int:
                 teacher = teacher_model(shape, device, dtype)
                 model = converted_model(teacher) if converted else teacher
                 del teacher
-                model = with_lora(model, converted)
+                model = with_lora(model, converted, checkpointing=recipe != "compiled")
                 results.append(train_rate(model, b, s, vocab, args.steps, device, args.profile_train, recipe))
                 del model
+                free_memory(device)  # a swapped forward (module -> bound method -> module) is a cycle: collect it
             rates[recipe] = (results[0][0], results[1][0])
             tag = "" if recipe == "plain" else f", {recipe} step"
             add(f"LoRA train tok/s, {b} x {s}{tag}", results[0][0], results[1][0])

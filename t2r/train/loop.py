@@ -87,10 +87,10 @@ class Run:
         # which loss path (loss.fused) runs here; a 'liger' that cannot run fails now, before any work
         self.fused, self._fused_why = resolve_fused(config.loss.fused, self.accelerator.device,
                                                     self.precision.sharded)
-        self.fused_layers, self._fused_layers_why = resolve_fused_layers(
-            config.model.fused_layers, self.accelerator.device, self.precision.sharded)
         self.compile, self._compile_why = resolve_compile(config.model.compile, self.accelerator.device,
-                                                          self.precision.sharded)
+                                                          self.precision.sharded, config.model.gradient_checkpointing)
+        self.fused_layers, self._fused_layers_why = resolve_fused_layers(
+            config.model.fused_layers, self.accelerator.device, self.precision.sharded, self.compile)
         self.state = read_trainer_state(self.resumed_from) if self.resumed_from is not None else TrainerState()
         self.metrics = MetricsFile(self.folder.metrics)
         self._stop_signal = 0

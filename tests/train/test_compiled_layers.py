@@ -23,6 +23,19 @@ def test_auto_compiles_on_cuda_only_and_never_under_fsdp():
         resolve_compile("fast", "cpu")
 
 
+def test_compile_and_gradient_checkpointing_are_not_paired():
+    """On a GPU the pair failed the backward (CheckpointError): auto leaves such a run eager, always and
+    compile_layers refuse it with the fix."""
+    assert resolve_compile("auto", "cuda", checkpointing=True) == (False, "model.compile: auto, with gradient checkpointing")
+    with pytest.raises(T2RError, match="does not go with model.gradient_checkpointing yet.*"
+                                       "set model.gradient_checkpointing: false"):
+        resolve_compile("always", "cpu", checkpointing=True)
+    _, model, _ = converted()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(T2RError, match="do not go with gradient checkpointing"):
+        compile_layers(model)
+
+
 def test_yaml_booleans_read_as_off_and_auto():
     assert ModelConfig(source="x", compile=False).compile == "off"
     assert ModelConfig(source="x", compile=True).compile == "auto"
@@ -49,7 +62,6 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches():
     torch._dynamo.utils.counters.clear()
     _, model, _ = converted(output_norm=True)
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     ids = torch.randint(2, 258, (1, 80))
