@@ -11,8 +11,8 @@ Both models train the same way: bf16 autocast, gradient checkpointing, LoRA r=8 
 converted model also trains its new GSA parameters, as `t2r finetune` does), AdamW; each training row
 once per --recipes: as peft and torch give it (plain), with what `t2r finetune` adds on a GPU
 (t2r: peft's input casts off, and liger's fused RMSNorm and SwiGLU as model.fused_layers: auto takes
-them), and with each decoder layer compiled instead (compiled: model.compile: auto; without gradient
-checkpointing, which compile does not go with yet); the teacher too.
+them), and with each decoder layer compiled instead (compiled: model.compile: always, which compiles
+under gradient checkpointing); the teacher too.
 """
 from __future__ import annotations
 
@@ -43,9 +43,8 @@ TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_
 RECIPES = {"plain": "peft and torch layers as they come",
            "t2r": "`t2r finetune`'s step with model.fused_layers: auto: peft's input casts off, liger RMSNorm and "
                   "SwiGLU on CUDA",
-           "compiled": "`t2r finetune`'s step with model.compile: auto: each decoder layer under torch.compile, peft's "
-                       "input casts off, no gradient checkpointing (compile does not go with it yet; more memory), "
-                       "liger's layers off (compiled layers fuse their own)"}
+           "compiled": "`t2r finetune`'s step with model.compile: always: each decoder layer under torch.compile, "
+                       "peft's input casts off, liger's layers off (compiled layers fuse their own)"}
 
 
 def free_memory(device: torch.device) -> None:
@@ -88,15 +87,14 @@ def converted_model(teacher):
     return convert_model(teacher, ConversionOptions()).to(teacher.device).eval()
 
 
-def with_lora(model, converted: bool, checkpointing: bool = True):
+def with_lora(model, converted: bool):
     from peft import LoraConfig, get_peft_model
 
     from t2r.train.stages import gsa_modules_present
 
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         modules_to_save=gsa_modules_present(model) if converted else None, task_type="CAUSAL_LM")
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return get_peft_model(model, config)
 
@@ -104,8 +102,9 @@ def with_lora(model, converted: bool, checkpointing: bool = True):
 def tune_like_t2r(model, compiled: bool = False):
     """The ``t2r`` recipe: liger's RMSNorm and SwiGLU kernels in ``model`` (ours or transformers' Mistral
     modules) where `t2r finetune` takes them with model.fused_layers: auto (on CUDA; the default, off,
-    takes torch's), with ``compiled`` each decoder layer compiled (model.compile: auto); a context factory to
-    step in: peft's input casts off, as `t2r finetune` steps."""
+    takes torch's), with ``compiled`` each decoder layer compiled instead (model.compile: always, which
+    compiles under gradient checkpointing); a context factory to step in: peft's input casts off, as
+    `t2r finetune` steps."""
     from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
 
     from t2r.layers.norm import RMSNorm
@@ -136,9 +135,11 @@ def train_rate(model, batch: int, seq: int, vocab: int, steps: int, device: torc
     reset_peak(device)
     held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     def step():
+        # the backward inside the forward's settings, as `t2r finetune` steps: gradient checkpointing's
+        # recompute must run the graphs the forward compiled
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), step_context():
             loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -313,7 +314,7 @@ def main() -> int:
                 teacher = teacher_model(shape, device, dtype)
                 model = converted_model(teacher) if converted else teacher
                 del teacher
-                model = with_lora(model, converted, checkpointing=recipe != "compiled")
+                model = with_lora(model, converted)
                 results.append(train_rate(model, b, s, vocab, args.steps, device, args.profile_train, recipe))
                 del model
                 free_memory(device)  # a swapped forward (module -> bound method -> module) is a cycle: collect it

@@ -35,13 +35,13 @@ class ModelConfig(Strict):
         "off", description="training-time RMSNorm and SwiGLU kernels: off (default): torch; auto: liger-kernel's fused "
         "ones on CUDA when it imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA). Their "
         "GPU test against torch passed on an H100; 7B LoRA at 8 x 2048 on an H100 with them and peft's casts off: "
-        "1.03x the teacher's rate with the same. Off under model.compile. Saved and exported models are plain torch "
+        "1.03x the teacher's rate with the same. auto is off under model.compile. Saved and exported models are plain torch "
         "either way")
 
     compile: Literal["auto", "always", "off"] = Field(
         "off", description="torch.compile each decoder layer for training (the model's and the teacher's): off "
-        "(default); auto (or true): on CUDA, else off; always: on any device (a CPU compiles slowly). Off under FSDP "
-        "and with gradient_checkpointing. SmolLM2-135M's finetune on an H100: 1.51x the tokens/s, less memory. "
+        "(default); auto (or true): on CUDA, else off; always: on any device (a CPU compiles slowly). Off under FSDP; "
+        "auto stays off with gradient_checkpointing (not yet verified on a GPU), always compiles. SmolLM2-135M's finetune on an H100: 1.51x the tokens/s, less memory. "
         "The GSA kernels run as they are; saved and exported models are plain torch either way")
 
     @field_validator("fused_layers", "compile", mode="before")

@@ -34,24 +34,20 @@ def liger_layer_functions():
 def resolve_fused_layers(choice: str, device, sharded: bool = False, compiled: bool = False) -> tuple[str, str]:
     """(the layers a run uses: 'liger' or 'off'; why, in words) for ``model.fused_layers``. Under FSDP
     (``sharded``) auto means off: the swap is not verified there. With compiled decoder layers
-    (``compiled``, model.compile) auto means off and liger is refused: inductor fuses the norms and
-    SwiGLU itself, and liger's kernels inside compiled layers under gradient checkpointing failed on a
-    GPU (the recompute saved liger's RMSNorm tensors in another order) and ran slower than compiling alone."""
+    (``compiled``, model.compile) auto means off too: the compiled layers fuse the norms and SwiGLU
+    themselves, and liger's kernels inside them made SmolLM2's finetune slower (docs/benchmarks.md)."""
     device = torch.device(device)
     if choice not in FUSED_LAYER_CHOICES:
         raise T2RError(f"model.fused_layers must be one of {', '.join(FUSED_LAYER_CHOICES)}, got {choice!r}")
     if choice == "off":
         return "off", "model.fused_layers: off"
-    if compiled:
-        if choice == "liger":
-            raise T2RError("model.fused_layers: liger does not go with model.compile (compiled layers fuse the "
-                           "norms and SwiGLU themselves); set model.fused_layers: auto or off, or model.compile: off")
-        return "off", "model.fused_layers: auto, under model.compile (the compiled layers fuse them)"
     if sharded:
         if choice == "liger":
             raise T2RError("model.fused_layers: liger is not supported under FSDP yet; set model.fused_layers: auto "
                            "or off (torch RMSNorm and SwiGLU)")
         return "off", "model.fused_layers: auto, under FSDP"
+    if choice == "auto" and compiled:
+        return "off", "model.fused_layers: auto, under model.compile (the compiled layers fuse them)"
     on_gpu = device.type == "cuda"
     if choice == "auto" and not on_gpu:
         return "off", "model.fused_layers: auto, not on CUDA"

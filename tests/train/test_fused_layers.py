@@ -15,6 +15,8 @@ def test_auto_is_torch_off_gpus_and_under_fsdp_and_liger_fails_clearly_there():
     assert resolve_fused_layers("auto", "cpu")[0] == "off"
     assert resolve_fused_layers("off", "cpu")[0] == "off"
     assert resolve_fused_layers("auto", "cuda", sharded=True) == ("off", "model.fused_layers: auto, under FSDP")
+    assert resolve_fused_layers("auto", "cuda", compiled=True) == (
+        "off", "model.fused_layers: auto, under model.compile (the compiled layers fuse them)")
     with pytest.raises(T2RError, match="not supported under FSDP"):
         resolve_fused_layers("liger", "cuda", sharded=True)
     with pytest.raises(T2RError, match="must be one of auto, liger, off"):
