@@ -32,7 +32,7 @@ def test_auto_stays_eager_with_gradient_checkpointing_and_always_compiles():
 def test_yaml_booleans_read_as_off_and_auto():
     assert ModelConfig(source="x", compile=False).compile == "off"
     assert ModelConfig(source="x", compile=True).compile == "auto"
-    assert ModelConfig(source="x").compile == "off"
+    assert ModelConfig(source="x").compile == "auto"  # the default: compiled on CUDA, eager on a CPU
 
 
 def test_the_layer_classes_of_both_models_are_found():
