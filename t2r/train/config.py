@@ -35,8 +35,8 @@ class ModelConfig(Strict):
         "off", description="training-time RMSNorm and SwiGLU kernels: off (default): torch; auto: liger-kernel's fused "
         "ones on CUDA when it imports (pip install 't2r[fused]'), else torch; liger: liger's (fails off CUDA). Their "
         "GPU test against torch passed on an H100; 7B LoRA at 8 x 2048 on an H100 with them and peft's casts off: "
-        "1.03x the teacher's rate with the same. auto is off under model.compile. Saved and exported models are plain torch "
-        "either way")
+        "1.03x the teacher's rate with the same. auto is off under model.compile. Saved and exported models are "
+        "plain torch either way")
 
     compile: Literal["auto", "always", "off"] = Field(
         "auto", description="torch.compile each decoder layer for training (the model's and the teacher's): auto "
