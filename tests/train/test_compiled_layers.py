@@ -50,10 +50,14 @@ def _loss_and_grads(model, ids, cu_seqlens):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches():
+@pytest.mark.parametrize("options", [dict(output_norm=True),
+                                     # the window hybrid of the SmolLM2 configs: window softmax + GSA, mixed
+                                     dict(output_norm=True, window_size=16, use_rope=True, gate_source="f_proj")],
+                         ids=["gsa", "window-hybrid"])
+def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches(options):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    _, model, _ = converted(output_norm=True)
+    _, model, _ = converted(**options)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     state = {k: v.clone() for k, v in model.state_dict().items()}
