@@ -50,6 +50,10 @@ def _loss_and_grads(model, ids, cu_seqlens):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.parametrize("options", [dict(output_norm=True),
                                      # the window hybrid of the SmolLM2 configs: window softmax + GSA, mixed
                                      dict(output_norm=True, window_size=16, use_rope=True, gate_source="f_proj")],
@@ -71,7 +75,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches(opt
     graphs = []
     for (loss, grads), cu in zip(eager, batches):
         c_loss, c_grads = _loss_and_grads(model, ids, cu)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        graphs.append(_unique_graphs())
         assert torch.isfinite(c_loss) and torch.allclose(c_loss, loss, rtol=1e-5)
         assert c_grads.keys() == grads.keys()
         for n, g in grads.items():
@@ -81,10 +85,6 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_on_packed_batches(opt
     # every layer shares the compiled code (the graphs do not grow with the depth), and a batch with another
     # number of documents does not compile again
     assert graphs[0] < model.config.num_hidden_layers * 2 and graphs == graphs[:1] * len(graphs)
-
-
-def _unique_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def test_a_checkpointed_recompute_runs_the_graphs_its_forward_compiled():
