@@ -54,17 +54,19 @@ def test_static_steps_through_the_triton_kernels_give_the_dynamic_logits():
     from t2r.layers.gsa import GatedSlotAttention
 
     _, model, _ = converted(**CASES["window-hybrid"])
+    model.to(DEVICE)
     for m in model.modules():
         if isinstance(m, GatedSlotAttention):
             m.backend = "triton"  # the decoding kernel a CUDA graph captures
-    ids, mask = _left_padded()
-    static = T2RStaticCache(model.config, max_batch_size=3, max_length=20)
+    ids, mask = (t.to(DEVICE) for t in _left_padded())
+    # eager steps: the graphs' replay has its own tests (test_cuda_graph_steps_make_the_dynamic_tokens)
+    static = T2RStaticCache(model.config, max_batch_size=3, max_length=20, cuda_graph=False)
     with torch.no_grad(), triton_interpreter():
         dynamic = output_cache(model(ids, attention_mask=mask, use_cache=True))
         model(ids, attention_mask=mask, cache=static)
         for t in range(8):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            new = torch.randint(2, 258, (3, 1))
+            new = torch.randint(2, 258, (3, 1), device=DEVICE)
             a = model(new, attention_mask=mask, cache=dynamic).logits
             assert rel_err(model(new, attention_mask=mask, cache=static).logits, a) < 1e-5
 
