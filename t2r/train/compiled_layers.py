@@ -26,8 +26,9 @@ def resolve_compile(choice: str, device, sharded: bool = False, checkpointing: b
     """(whether a run compiles its decoder layers; why, in words) for ``model.compile``. ``auto`` (YAML's
     true) compiles on CUDA only: on a CPU the compile time outweighs a short run; ``always`` on any device.
     Under FSDP (``sharded``) neither compiles yet: that pairing is not verified. With gradient
-    checkpointing (``checkpointing``) ``auto`` stays eager: compiled layers under checkpointing have not
-    yet trained on a GPU (they have on the CPU); ``always`` compiles them."""
+    checkpointing (``checkpointing``) ``auto`` stays eager: compiled layers train there (on an H100 too)
+    but measured no faster (Mistral-7B shapes, 8 x 2048: 12,351 tok/s against 12,479 eager), and the
+    compile costs a minute; ``always`` compiles them."""
     device = torch.device(device)
     if choice not in COMPILE_CHOICES:
         raise T2RError(f"model.compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
@@ -40,7 +41,7 @@ def resolve_compile(choice: str, device, sharded: bool = False, checkpointing: b
     if choice == "auto" and device.type != "cuda":
         return False, f"model.compile: auto, not on CUDA ({device.type})"
     if choice == "auto" and checkpointing:
-        return False, "model.compile: auto, with gradient checkpointing (not verified on a GPU yet; always compiles)"
+        return False, "model.compile: auto, with gradient checkpointing (no faster there; always compiles)"
     return True, f"model.compile: {choice}, on {device.type}"
 
 

@@ -34,7 +34,7 @@ from .fused_layers import resolve_fused_layers, use_fused_layers
 from .lock import run_lock
 from .losses import resolve_fused
 from .model_folders import link_checkpoint_model, merged_from_folders, save_adapter, save_model_folder
-from .precision import Precision, mixed_precision
+from .precision import Precision, check_fsdp_has_cuda, mixed_precision
 from .profiling import StepProfiler
 from .run_folder import ACCELERATE_STATE, ADAPTER, MODEL, RunFolder
 from .stages import (add_lora, count_targets, frozen_teacher, load_model, lora_input_casts_off, run_lora_config,
@@ -72,6 +72,7 @@ class Run:
         self.folder = RunFolder(self.out)
         check_writable_dir(self.out, "--output-dir")
         self.resumed_from = self._checkpoint_to_resume(resume)
+        check_fsdp_has_cuda()
         self.accelerator = Accelerator(
             # without CUDA, processes started by `accelerate launch` (torchrun) join over gloo on the CPU
             cpu=not torch.cuda.is_available(),
@@ -246,8 +247,10 @@ class Run:
                 warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.compile:
-            n = compile_layers(model) + (compile_layers(self.teacher) if self.teacher is not None else 0)
-            self._main_log(f"compiled layers: {n} decoder layers, torch.compile ({self._compile_why})")
+            n = compile_layers(model)
+            teacher = f" and the teacher's {compile_layers(self.teacher)}" if self.teacher is not None else ""
+            self._main_log(f"compiled layers: the model's {n} decoder layers{teacher}, torch.compile "
+                           f"({self._compile_why})")
         else:
             self._main_log(f"compiled layers: none ({self._compile_why})")
         model.train()

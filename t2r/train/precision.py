@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..dtypes import short_name
+from ..errors import T2RError
 from ..models.modeling_t2r import keeps_fp32
 from .config import AttentionTransferStage, RunConfig
 from .stages import set_trainable, stage_parameters
@@ -41,6 +43,15 @@ def mixed_precision(config: RunConfig) -> str:
             return "bf16"
         return {"bf16": "bf16", "fp16": "fp16"}.get(weights_dtype_name(config), "no")
     return {"fp32": "no"}.get(choice, choice)
+
+
+def check_fsdp_has_cuda() -> None:
+    """An accelerate config that asks for FSDP (``accelerate launch`` sets ACCELERATE_USE_FSDP) on a machine
+    without CUDA would not shard: accelerate then starts processes that never join. Say so instead."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise T2RError("the accelerate config asks for FSDP (distributed_type: FSDP), which runs on CUDA GPUs, "
+                       "and this machine has none; on CPUs launch with a DDP config "
+                       "(configs/accelerate/cpu-2proc.yaml: processes joined over gloo) or without accelerate")
 
 
 def is_fsdp(accelerator) -> bool:

@@ -25,7 +25,7 @@ def test_auto_compiles_on_cuda_only_and_never_under_fsdp():
 
 def test_auto_stays_eager_with_gradient_checkpointing_and_always_compiles():
     assert resolve_compile("auto", "cuda", checkpointing=True) == (
-        False, "model.compile: auto, with gradient checkpointing (not verified on a GPU yet; always compiles)")
+        False, "model.compile: auto, with gradient checkpointing (no faster there; always compiles)")
     assert resolve_compile("always", "cuda", checkpointing=True)[0] is True
 
 

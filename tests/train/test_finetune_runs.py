@@ -71,13 +71,27 @@ def test_two_processes_give_the_losses_of_one(tiny_run, tmp_path):
         assert a["tokens"] == b["tokens"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the FSDP config shards")
+def test_the_fsdp_config_on_a_machine_without_gpus_fails_before_any_work(tmp_path):
+    """Without CUDA, accelerate starts an FSDP config's processes unjoined, each training alone: the run
+    must stop at once and say so, and leave no run folder behind."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/fsdp-2gpu.yaml"), "--main_process_port", "29535",
+           "-m", "t2r.cli", "finetune", str(ROOT / "configs/tiny.yaml"), "--output-dir", str(tmp_path / "fsdp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode != 0
+    assert "asks for FSDP (distributed_type: FSDP), which runs on CUDA GPUs" in r.stderr
+    assert "configs/accelerate/cpu-2proc.yaml" in r.stderr
+    assert not (tmp_path / "fsdp" / "checkpoints").exists() and not (tmp_path / "fsdp" / "model").exists()
+
+
 def test_compiled_layers_give_the_losses_of_eager_ones(tiny_run, tmp_path):
     """model.compile: always (torch.compile's inductor on the CPU) through both stages, under gradient
     checkpointing: the eager run's losses."""
     out, _ = tiny_run
     r = run(finetune_cmd(tmp_path / "compiled", "eval.every_steps=3", "model.compile=always"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "compiled layers: 4 decoder layers, torch.compile (model.compile: always, on cpu)" in r.stdout
+    assert "compiled layers: the model's 4 decoder layers, torch.compile (model.compile: always, on cpu)" in r.stdout
     # every variant (layer kind x stage x teacher/eval x input grad) stays compiled: none falls back to eager
     assert "recompile_limit" not in r.stderr
     eager, compiled = metrics(out), metrics(tmp_path / "compiled")
