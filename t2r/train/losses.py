@@ -46,8 +46,8 @@ def liger_losses_module():
 
 def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]:
     """(the loss path a run uses: 'liger', 'chunked' or 'off'; why, in words) for ``loss.fused``. Under
-    FSDP (``sharded``) only the full logits: the fused paths apply lm_head after the sharded forward, to
-    a weight FSDP2 has resharded; the chunked path crashed the processes there (a segfault, FSDP2 on CPU
+    FSDP (``sharded``) only the full logits: the fused paths apply lm_head outside the model's forward,
+    whose weights FSDP2 gathers only inside it; the chunked path crashed the processes there (a segfault, FSDP2 on CPU
     over gloo, ``scripts/check_fsdp.sh --cpu`` with this check lifted)."""
     device = torch.device(device)
     if choice not in FUSED_CHOICES:
