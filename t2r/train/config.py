@@ -194,7 +194,8 @@ class LossConfig(Strict):
     fused: Literal["auto", "liger", "chunked", "off"] = Field(
         "auto", description="auto: liger on CUDA when liger-kernel imports (pip install 't2r[fused]'), else chunked; "
         "liger: liger-kernel's fused linear cross-entropy and JSD (beta 0: the forward KL) kernels; chunked: "
-        "the output projection and both losses a chunk of tokens at a time, recomputed in backward (pure torch); "
+        "the output projection and both losses a chunk of tokens at a time, recomputed in backward (pure torch; "
+        "compiled when model.compile compiles the layers); "
         "off: the model's full logits in fp32 (memory grows with tokens x vocabulary)")
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the chunked losses")
 

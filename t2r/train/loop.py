@@ -225,7 +225,8 @@ class Run:
                               else eval_rows.select(range(min(n_eval, len(eval_rows))))) if eval_rows else []
         self.lora = run_lora_config(cfg.stages)
         if any(isinstance(s, FinetuneStage) for s in cfg.stages):
-            self._main_log(f"finetune losses: {self.fused} ({self._fused_why})")
+            compiled = ", compiled" if self.fused == "chunked" and self.compile else ""
+            self._main_log(f"finetune losses: {self.fused}{compiled} ({self._fused_why})")
         full_kl = any(isinstance(s, FinetuneStage) and s.lora is None and s.kl_weight > 0 for s in cfg.stages)
         self.teacher = frozen_teacher(model).to(acc.device) if full_kl else None
         if self.fused_layers == "liger":
@@ -317,7 +318,7 @@ class Run:
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast(), lora_input_casts_off(self.model):
                 loss_sum, parts = stage_loss_sum(self.model, batch, stage, self.teacher, self.fused,
-                                                 self.config.loss.chunk_size)
+                                                 self.config.loss.chunk_size, compiled=self.compile)
                 acc.backward(loss_sum * scale)
             for k, v in {"loss": loss_sum.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0) + v.float()

@@ -8,7 +8,9 @@ output projection and both losses run a chunk of tokens at a time:
 - ``chunked`` (pure torch, any device): each chunk's logits are computed, reduced to its loss sums and
   dropped; backward recomputes the chunk (``torch.utils.checkpoint``). The projection goes through the
   model's own ``lm_head`` under the ambient autocast and the losses are taken in fp32, exactly as the
-  plain path computes them, so the values are the same up to the order of the sums.
+  plain path computes them, so the values are the same up to the order of the sums. With
+  ``compiled`` (a run whose layers ``model.compile`` compiles) the chunk's work is one compiled
+  function: its softmaxes, the cross-entropy and the KL fuse into a few kernels, a few launches a chunk.
 - ``liger``: liger-kernel's fused linear cross-entropy and fused linear JSD with ``beta=0`` (which is
   the forward KL, KL(teacher || student), the loss the plain path computes) on CUDA.
 - ``off``: the plain computation over the model's full logits (``stage_loss_sum`` does it).
@@ -78,12 +80,14 @@ def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]
 
 def next_token_losses(hidden: torch.Tensor, head: nn.Module, target: torch.Tensor,
                       teacher_hidden: torch.Tensor | None = None, teacher_head: nn.Module | None = None,
-                      temperature: float = 1.0, how: str = "chunked", chunk_size: int = 1024):
+                      temperature: float = 1.0, how: str = "chunked", chunk_size: int = 1024,
+                      compiled: bool = False):
     """(cross-entropy sum, KL sum or None) over the positions whose ``target`` is not -100.
 
     ``hidden`` [..., D]: the student's final hidden states (what ``head``, its ``lm_head``, takes);
     ``target`` [...]: the token each position predicts. With ``teacher_hidden`` (computed without
-    gradients) and ``teacher_head``, the KL to the teacher too. ``how``: 'chunked' or 'liger'.
+    gradients) and ``teacher_head``, the KL to the teacher too. ``how``: 'chunked' or 'liger';
+    ``compiled``: the chunked path's chunks run ``torch.compile``'d.
     """
     valid = (target != -100).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])[valid]
@@ -93,7 +97,8 @@ def next_token_losses(hidden: torch.Tensor, head: nn.Module, target: torch.Tenso
         return _liger_losses(h, head, y, th, teacher_head, temperature)
     if how not in ("chunked", "liger"):
         raise ValueError(f"how must be 'chunked' or 'liger', got {how!r}")
-    return _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size)
+    return _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size,
+                           _compiled_chunk() if compiled else _chunk)
 
 
 def _plain_linear(head) -> bool:
@@ -111,20 +116,31 @@ def _chunk(head, teacher_head, temperature, h, y, th=None):
     return ce, kl_sum(logits, teacher_logits, temperature)
 
 
-def _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size):
-    """Chunks of ``chunk_size`` rows; with gradients on, each chunk is checkpointed (its logits are
-    recomputed in backward instead of kept). No rows: one empty chunk, so the zero loss still reaches
-    every parameter of the graph (what the plain path and DDP expect)."""
+_COMPILED_CHUNK = []
+
+
+def _compiled_chunk():
+    """``_chunk`` under ``torch.compile``, made once a process (its compiled variants are cached by
+    dynamo: a chunk's row count, with and without the teacher, training or not)."""
+    if not _COMPILED_CHUNK:
+        _COMPILED_CHUNK.append(torch.compile(_chunk))
+    return _COMPILED_CHUNK[0]
+
+
+def _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size, chunk_fn=_chunk):
+    """Chunks of ``chunk_size`` rows, each through ``chunk_fn``; with gradients on, each chunk is
+    checkpointed (its logits are recomputed in backward instead of kept). No rows: one empty chunk,
+    so the zero loss still reaches every parameter of the graph (what the plain path and DDP expect)."""
     n = h.shape[0]
     starts = range(0, n, chunk_size) if n else [0]
     ce = kl = None
     for s in starts:
         args = (h[s:s + chunk_size], y[s:s + chunk_size]) + ((th[s:s + chunk_size],) if th is not None else ())
         if torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(_chunk, head, teacher_head, temperature, *args,
+            out = torch.utils.checkpoint.checkpoint(chunk_fn, head, teacher_head, temperature, *args,
                                                     use_reentrant=False, preserve_rng_state=False)
         else:
-            out = _chunk(head, teacher_head, temperature, *args)
+            out = chunk_fn(head, teacher_head, temperature, *args)
         ce = out[0] if ce is None else ce + out[0]
         if th is not None:
             kl = out[1] if kl is None else kl + out[1]

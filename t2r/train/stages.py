@@ -179,12 +179,12 @@ def final_hidden(model, inputs: dict) -> tuple[torch.Tensor, torch.nn.Module]:
 
 
 def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
-                   chunk_size: int = 1024) -> tuple[torch.Tensor, dict]:
+                   chunk_size: int = 1024, compiled: bool = False) -> tuple[torch.Tensor, dict]:
     """Sum of the stage's per-token losses over the batch, and its parts (for logging). The KL
     term's teacher is ``teacher`` (run as softmax attention) or, with LoRA, the model's own weights
     with adapters off. ``fused`` ('off', 'chunked' or 'liger', see t2r.train.losses): 'off' takes
     the losses from the full fp32 logits; the others from the final hidden states, a chunk of tokens
-    at a time (the same values)."""
+    at a time (the same values); ``compiled``: 'chunked' compiles its chunks."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if isinstance(stage, AttentionTransferStage):
         loss = model(**inputs, attention_transfer=True).loss
@@ -214,7 +214,7 @@ def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
             with torch.no_grad(), teacher_context():
                 teacher_hidden, teacher_head = final_hidden(teacher or model, inputs)
         ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, stage.kl_temperature,
-                                   how=fused, chunk_size=chunk_size)
+                                   how=fused, chunk_size=chunk_size, compiled=compiled)
     parts = {"ce": ce.detach()}
     loss = ce
     if with_kl:

@@ -87,11 +87,12 @@ def test_the_fsdp_config_on_a_machine_without_gpus_fails_before_any_work(tmp_pat
 
 def test_compiled_layers_give_the_losses_of_eager_ones(tiny_run, tmp_path):
     """model.compile: always (torch.compile's inductor on the CPU) through both stages, under gradient
-    checkpointing: the eager run's losses."""
+    checkpointing, with the chunked losses compiled too: the eager run's losses."""
     out, _ = tiny_run
     r = run(finetune_cmd(tmp_path / "compiled", "eval.every_steps=3", "model.compile=always"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled layers: the model's 4 decoder layers, torch.compile (model.compile: always, on cpu)" in r.stdout
+    assert "finetune losses: chunked, compiled (loss.fused: auto, not on CUDA)" in r.stdout
     # every variant (layer kind x stage x teacher/eval x input grad) stays compiled: none falls back to eager
     assert "recompile_limit" not in r.stderr
     eager, compiled = metrics(out), metrics(tmp_path / "compiled")

@@ -80,6 +80,23 @@ def test_chunked_gives_the_plain_losses_and_gradients(chunk_size, temperature):
     assert got[2][1].abs().max() == 0 and got[2][:, -1].abs().max() == 0  # no target, no gradient
 
 
+def test_compiled_chunks_give_the_plain_losses_and_gradients():
+    """model.compile's chunks (torch.compile, inductor on the CPU): 73 targets in chunks of 16, so a
+    ragged last chunk; then a batch with no target at all, through the same compiled function."""
+    hidden, head, target, th, thead = problem()
+    ref = losses_and_grads(plain_losses, hidden, head, target, th, thead, 2.0)
+
+    def compiled(h, hd, y, th_, thd, t):
+        return next_token_losses(h, hd, y, th_, thd, t, how="chunked", chunk_size=16, compiled=True)
+
+    got = losses_and_grads(compiled, hidden, head, target, th, thead, 2.0)
+    for a, b in zip(got, ref):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    none = torch.full_like(target, -100)
+    ce, kl = compiled(hidden, head, none, th, thead, 2.0)
+    assert ce.item() == 0 and kl.item() == 0
+
+
 def test_chunked_without_teacher_and_without_targets():
     hidden, head, target, th, thead = problem(B=2, T=9)
     ce, kl = next_token_losses(hidden, head, target, chunk_size=4)
