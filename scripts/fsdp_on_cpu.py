@@ -1,8 +1,8 @@
 """``t2r`` with accelerate's FSDP on CPU processes joined over gloo, for checking t2r's FSDP logic
 (sharded precision, stage freezing, gathered state dicts, resume) on a machine without GPUs.
 
-accelerate turns an FSDP config into plain multi-CPU data parallelism when there is no GPU, and t2r
-refuses an FSDP config there (it would not shard). This launcher lifts both gates for one process:
+accelerate turns an FSDP config into plain multi-CPU data parallelism (DDP over gloo) when there is
+no GPU, and t2r refuses an FSDP config there (it would not shard). This launcher lifts both gates for one process:
 torch's FSDP2 (``fully_shard``) then shards the model over the gloo group as it would over NCCL.
 bf16 compute, NCCL and GPU memory are not covered. Used by ``scripts/check_fsdp.sh OUT --cpu``:
 

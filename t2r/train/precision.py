@@ -47,7 +47,7 @@ def mixed_precision(config: RunConfig) -> str:
 
 def check_fsdp_has_cuda() -> None:
     """An accelerate config that asks for FSDP (``accelerate launch`` sets ACCELERATE_USE_FSDP) on a machine
-    without CUDA would not shard: accelerate then starts processes that never join. Say so instead."""
+    without CUDA would not shard: accelerate quietly runs its processes as DDP over gloo. Say so instead."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
         raise T2RError("the accelerate config asks for FSDP (distributed_type: FSDP), which runs on CUDA GPUs, "
                        "and this machine has none; on CPUs launch with a DDP config "

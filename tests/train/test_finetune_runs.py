@@ -73,8 +73,8 @@ def test_two_processes_give_the_losses_of_one(tiny_run, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the FSDP config shards")
 def test_the_fsdp_config_on_a_machine_without_gpus_fails_before_any_work(tmp_path):
-    """Without CUDA, accelerate starts an FSDP config's processes unjoined, each training alone: the run
-    must stop at once and say so, and leave no run folder behind."""
+    """Without CUDA, accelerate would quietly run an FSDP config's processes as DDP, unsharded: the run
+    must stop at once and say so, and leave no checkpoint or model behind."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/fsdp-2gpu.yaml"), "--main_process_port", "29535",
            "-m", "t2r.cli", "finetune", str(ROOT / "configs/tiny.yaml"), "--output-dir", str(tmp_path / "fsdp")]
