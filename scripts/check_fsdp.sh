@@ -5,22 +5,28 @@
 #   bash scripts/check_fsdp.sh OUT_DIR          # on a machine with 2 GPUs
 #   bash scripts/check_fsdp.sh OUT_DIR --cpu    # 2 CPU processes over gloo (scripts/fsdp_on_cpu.py): t2r's
 #                                               # FSDP logic without GPUs; not bf16, NCCL or GPU memory
+#   ... --set KEY=VALUE                         # a config key for every run, e.g. --set loss.fused=off
 # PYTHON picks the interpreter (default python3).
 set -euo pipefail
-out=${1:?usage: scripts/check_fsdp.sh OUT_DIR [--cpu]}
+out=${1:?usage: scripts/check_fsdp.sh OUT_DIR [--cpu] [--set KEY=VALUE ...]}
+shift
 py=${PYTHON:-python3}
 fsdp_entry=(-m t2r.cli)
-if [[ "${2:-}" == "--cpu" ]]; then
-  fsdp_entry=(scripts/fsdp_on_cpu.py)
-elif [[ -n "${2:-}" ]]; then
-  echo "check_fsdp.sh: unknown option '$2' (the only one is --cpu)" >&2; exit 2
-fi
+sets=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cpu) fsdp_entry=(scripts/fsdp_on_cpu.py); shift ;;
+    --set) [[ $# -ge 2 ]] || { echo "check_fsdp.sh: --set needs KEY=VALUE" >&2; exit 2; }
+           sets+=(--set "$2"); shift 2 ;;
+    *) echo "check_fsdp.sh: unknown option '$1' (the options are --cpu and --set KEY=VALUE)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$out"
 run() {  # accelerate-config output-dir entry... -- [extra args]
   local cfg=$1 dir=$2; shift 2
   local entry=() ; while [[ "$1" != "--" ]]; do entry+=("$1"); shift; done; shift
   "$py" -m accelerate.commands.launch --config_file "configs/accelerate/$cfg.yaml" "${entry[@]}" finetune \
-    configs/tiny.yaml --set "output_dir=$dir" "$@" > "$dir.log" 2>&1 || { tail -40 "$dir.log"; exit 1; }
+    configs/tiny.yaml --set "output_dir=$dir" ${sets[@]+"${sets[@]}"} "$@" > "$dir.log" 2>&1 || { tail -40 "$dir.log"; exit 1; }
 }
 run fsdp-2gpu "$out/fsdp" "${fsdp_entry[@]}" --
 grep -q "under FSDP" "$out/fsdp.log" || { echo "check_fsdp.sh: the FSDP run did not shard (see $out/fsdp.log)" >&2; exit 1; }

@@ -192,7 +192,8 @@ class LossConfig(Strict):
     """How the finetune losses (next-token cross-entropy, KL to the teacher) are computed. Every choice
     gives the same values; they differ in memory and speed."""
     fused: Literal["auto", "liger", "chunked", "off"] = Field(
-        "auto", description="auto: liger on CUDA when liger-kernel imports (pip install 't2r[fused]'), else chunked; "
+        "auto", description="auto: liger on CUDA when liger-kernel imports (pip install 't2r[fused]'), else chunked "
+        "(and under FSDP); "
         "liger: liger-kernel's fused linear cross-entropy and JSD (beta 0: the forward KL) kernels; chunked: "
         "the output projection and both losses a chunk of tokens at a time, recomputed in backward (pure torch; "
         "compiled when model.compile compiles the layers); "

@@ -48,17 +48,16 @@ def liger_losses_module():
 
 def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]:
     """(the loss path a run uses: 'liger', 'chunked' or 'off'; why, in words) for ``loss.fused``. Under
-    FSDP (``sharded``) only the full logits: the fused paths apply lm_head outside the model's forward,
-    whose weights FSDP2 gathers only inside it; the chunked path crashed the processes there (a segfault, FSDP2 on CPU
-    over gloo, ``scripts/check_fsdp.sh --cpu`` with this check lifted)."""
+    FSDP (``sharded``) chunked (``auto``) or the full logits: those two gave DDP's losses under FSDP2
+    (``scripts/check_fsdp.sh --cpu``); liger's kernels need a GPU, so they have not run sharded yet."""
     device = torch.device(device)
     if choice not in FUSED_CHOICES:
         raise T2RError(f"loss.fused must be one of {', '.join(FUSED_CHOICES)}, got {choice!r}")
-    if sharded and choice != "off":
-        if choice != "auto":
-            raise T2RError(f"loss.fused: {choice} is not supported under FSDP yet; set loss.fused: auto or off "
-                           "(full logits)")
-        return "off", "loss.fused: auto, under FSDP"
+    if sharded and choice in ("auto", "liger"):
+        if choice == "liger":
+            raise T2RError("loss.fused: liger is not supported under FSDP yet; set loss.fused: auto or chunked "
+                           "(the same losses in pure torch) or off (full logits)")
+        return "chunked", "loss.fused: auto, under FSDP"
     if choice in ("chunked", "off"):
         return choice, f"loss.fused: {choice}"
     on_gpu = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -109,17 +109,21 @@ class Precision:
         outputs in backward. In attention transfer no layer output carries a gradient (each layer
         passes the teacher's hidden states on; the loss is gathered beside them), so that hook never
         fires: keep the layers gathered until FSDP's end-of-backward callback reduces their
-        gradients and reshards them. No effect without FSDP2."""
+        gradients and reshards them. No effect without FSDP2.
+
+        Each module is set alone (``recurse=False``). The root (the first FSDP module) is left as FSDP2
+        keeps it, gathered after its forward: set back to the config's ``True`` it would free ``lm_head``
+        after the forward, under the losses that apply it there (``loss.fused: chunked``)."""
         mods = [m for m in model.modules() if hasattr(m, "set_reshard_after_forward")]
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         restore = bool(getattr(plugin, "reshard_after_forward", True))
-        for m in mods:
-            m.set_reshard_after_forward(False)
+        for m in mods[1:]:
+            m.set_reshard_after_forward(False, recurse=False)
         try:
             yield
         finally:
-            for m in mods:
-                m.set_reshard_after_forward(restore)
+            for m in mods[1:]:
+                m.set_reshard_after_forward(restore, recurse=False)
 
     def full_state_dict(self, model):
         """Under FSDP, the whole model's state dict, gathered on the main process (every process

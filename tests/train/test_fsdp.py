@@ -14,13 +14,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run scripts/check_fsdp.sh without --cpu")
-def test_fsdp_gives_the_losses_and_weights_of_ddp_and_resumes_exactly(tmp_path):
-    r = subprocess.run(["bash", "scripts/check_fsdp.sh", str(tmp_path), "--cpu"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900, env={**ENV, "PYTHON": sys.executable})
+@pytest.mark.parametrize("fused,path", [("auto", "chunked"), ("off", "off")], ids=["chunked-losses", "full-logits"])
+def test_fsdp_gives_the_losses_and_weights_of_ddp_and_resumes_exactly(tmp_path, fused, path):
+    """Both loss paths FSDP takes: the chunked one applies lm_head after the sharded forward."""
+    r = subprocess.run(["bash", "scripts/check_fsdp.sh", str(tmp_path), "--cpu", "--set", f"loss.fused={fused}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**ENV, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the FSDP runs really sharded: t2r logs the loss path it picks under FSDP
     log = (tmp_path / "fsdp.log").read_text()
-    assert "finetune losses: off (loss.fused: auto, under FSDP)" in log
+    assert f"finetune losses: {path} (loss.fused: {fused}" in log and "under FSDP" in log
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == {"fsdp": 10, "ddp": 10, "resumed": 10}
     assert summary["max_rel_loss_fsdp_ddp"] <= 1e-5
@@ -29,7 +31,7 @@ def test_fsdp_gives_the_losses_and_weights_of_ddp_and_resumes_exactly(tmp_path):
     assert summary["architectures"] == ["T2RForCausalLM"]
 
 
-def test_check_fsdp_names_its_only_option():
+def test_check_fsdp_names_its_options():
     r = subprocess.run(["bash", "scripts/check_fsdp.sh", "/tmp/unused", "--gpu"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 2 and "unknown option '--gpu' (the only one is --cpu)" in r.stderr
+    assert r.returncode == 2 and "unknown option '--gpu' (the options are --cpu and --set KEY=VALUE)" in r.stderr

@@ -190,9 +190,10 @@ def test_loss_fused_config_and_resolution(tmp_path):
     assert RunConfig.model_validate({**base, "loss": {"fused": False}}).loss.fused == "off"
     assert resolve_fused("auto", "cpu")[0] == "chunked"
     assert resolve_fused("off", "cpu")[0] == "off"
-    assert resolve_fused("auto", "cpu", sharded=True)[0] == "off"  # FSDP: the full logits
-    with pytest.raises(T2RError, match="not supported under FSDP"):
-        resolve_fused("chunked", "cpu", sharded=True)
+    assert resolve_fused("auto", "cuda", sharded=True) == ("chunked", "loss.fused: auto, under FSDP")
+    assert resolve_fused("off", "cuda", sharded=True)[0] == "off"
+    with pytest.raises(T2RError, match="liger is not supported under FSDP yet; set loss.fused: auto or chunked"):
+        resolve_fused("liger", "cuda", sharded=True)
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(T2RError, match="loss.fused"):
             resolve_fused("liger", "cpu")
