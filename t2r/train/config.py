@@ -40,8 +40,8 @@ class ModelConfig(Strict):
 
     compile: Literal["auto", "always", "off"] = Field(
         "auto", description="torch.compile each decoder layer for training (the model's and the teacher's): auto "
-        "(default, or true): on CUDA, else off; always: on any device (a CPU compiles slowly); off. Off under FSDP; "
-        "auto stays off with gradient_checkpointing (measured no faster there), always compiles. SmolLM2-135M's "
+        "(default, or true): on CUDA, else off; always: on any device (a CPU compiles slowly); off. auto is off "
+        "under FSDP and with gradient_checkpointing (measured no faster there), always compiles. SmolLM2-135M's "
         "finetune on an H100: 1.51x the tokens/s, a third less memory. The GSA kernels run as they are; saved and "
         "exported models are plain torch either way")
 

@@ -11,14 +11,13 @@ from t2r.train.config import ModelConfig
 from tests.conftest import converted
 
 
-def test_auto_compiles_on_cuda_only_and_never_under_fsdp():
+def test_auto_compiles_on_cuda_only_and_not_under_fsdp():
     assert resolve_compile("auto", "cpu")[0] is False
     assert resolve_compile("auto", "cuda")[0] is True
     assert resolve_compile("always", "cpu")[0] is True
     assert resolve_compile("off", "cuda")[0] is False
     assert resolve_compile("auto", "cuda", sharded=True) == (False, "model.compile: auto, under FSDP")
-    with pytest.raises(T2RError, match="always is not supported under FSDP yet; set model.compile: auto or off"):
-        resolve_compile("always", "cuda", sharded=True)
+    assert resolve_compile("always", "cuda", sharded=True) == (True, "model.compile: always, on cuda")
     with pytest.raises(T2RError, match="must be one of auto, always, off"):
         resolve_compile("fast", "cpu")
 

@@ -14,15 +14,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run scripts/check_fsdp.sh without --cpu")
-@pytest.mark.parametrize("fused,path", [("auto", "chunked"), ("off", "off")], ids=["chunked-losses", "full-logits"])
-def test_fsdp_gives_the_losses_and_weights_of_ddp_and_resumes_exactly(tmp_path, fused, path):
-    """Both loss paths FSDP takes: the chunked one applies lm_head after the sharded forward."""
-    r = subprocess.run(["bash", "scripts/check_fsdp.sh", str(tmp_path), "--cpu", "--set", f"loss.fused={fused}"],
+@pytest.mark.parametrize("sets,logged", [
+    ("loss.fused=auto", "finetune losses: chunked (loss.fused: auto, under FSDP)"),
+    ("loss.fused=off", "compiled layers: none (model.compile: auto, under FSDP)"),
+    ("model.compile=always", "finetune losses: chunked, compiled (loss.fused: auto, under FSDP)"),
+], ids=["chunked-losses", "full-logits", "compiled"])
+def test_fsdp_gives_the_losses_and_weights_of_ddp_and_resumes_exactly(tmp_path, sets, logged):
+    """The loss paths FSDP takes (the chunked one applies lm_head after the sharded forward), and
+    compiled layers and losses (the DDP run compiles too)."""
+    r = subprocess.run(["bash", "scripts/check_fsdp.sh", str(tmp_path), "--cpu", "--set", sets],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**ENV, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # the FSDP runs really sharded: t2r logs the loss path it picks under FSDP
-    log = (tmp_path / "fsdp.log").read_text()
-    assert f"finetune losses: {path} (loss.fused: {fused}" in log and "under FSDP" in log
+    # the FSDP runs really sharded: t2r logs the paths it picks under FSDP
+    assert logged in (tmp_path / "fsdp.log").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == {"fsdp": 10, "ddp": 10, "resumed": 10}
     assert summary["max_rel_loss_fsdp_ddp"] <= 1e-5
