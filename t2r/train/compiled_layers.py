@@ -28,8 +28,8 @@ def resolve_compile(choice: str, device, sharded: bool = False, checkpointing: b
     Under FSDP (``sharded``) ``auto`` stays eager (not timed on GPUs) and ``always`` compiles: it gave DDP's
     losses under FSDP2 on CPUs (``scripts/check_fsdp.sh --cpu --set model.compile=always``). With gradient
     checkpointing (``checkpointing``) ``auto`` stays eager: compiled layers train there (on an H100 too)
-    but measured no faster (Mistral-7B shapes, 8 x 2048: 12,351 tok/s against 12,479 eager), and the
-    compile costs a minute; ``always`` compiles them."""
+    but measured no faster (Mistral-7B shapes, 8 x 2048: 12,351 tok/s against 12,479 eager); ``always``
+    compiles them."""
     device = torch.device(device)
     if choice not in COMPILE_CHOICES:
         raise T2RError(f"model.compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
