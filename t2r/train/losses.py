@@ -20,6 +20,7 @@ Both sums run over the positions that have a target (``target != -100``); the KL
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -115,15 +116,11 @@ def _chunk(head, teacher_head, temperature, h, y, th=None):
     return ce, kl_sum(logits, teacher_logits, temperature)
 
 
-_COMPILED_CHUNK = []
-
-
+@functools.cache
 def _compiled_chunk():
     """``_chunk`` under ``torch.compile``, made once a process (its compiled variants are cached by
     dynamo: a chunk's row count, with and without the teacher, training or not)."""
-    if not _COMPILED_CHUNK:
-        _COMPILED_CHUNK.append(torch.compile(_chunk))
-    return _COMPILED_CHUNK[0]
+    return torch.compile(_chunk)
 
 
 def _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size, chunk_fn=_chunk):
