@@ -54,10 +54,10 @@ def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]
     device = torch.device(device)
     if choice not in FUSED_CHOICES:
         raise T2RError(f"loss.fused must be one of {', '.join(FUSED_CHOICES)}, got {choice!r}")
-    if sharded and choice in ("auto", "liger"):
-        if choice == "liger":
-            raise T2RError("loss.fused: liger is not supported under FSDP yet; set loss.fused: auto or chunked "
-                           "(the same losses in pure torch) or off (full logits)")
+    if sharded and choice == "liger":
+        raise T2RError("loss.fused: liger is not supported under FSDP yet; set loss.fused: auto or chunked "
+                       "(the same losses in pure torch) or off (full logits)")
+    if sharded and choice == "auto":
         return "chunked", "loss.fused: auto, under FSDP"
     if choice in ("chunked", "off"):
         return choice, f"loss.fused: {choice}"
