@@ -215,7 +215,8 @@ class LoggingConfig(Strict):
     progress_bar: bool = True
     profile_steps: list[int] | None = Field(
         None, min_length=2, max_length=2, description="[FIRST, LAST]: profile optimizer steps FIRST..LAST (from 1) "
-        "with torch.profiler and write OUTPUT/profile.txt: the kernels by GPU time (on a CPU the operators)")
+        "with torch.profiler and write OUTPUT/profile.txt: the step's phases by host time, the kernels by GPU "
+        "time and the host's operators by CPU time (on a CPU the operators)")
 
     @model_validator(mode="after")
     def _profile_range(self):

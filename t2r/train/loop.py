@@ -35,7 +35,7 @@ from .lock import run_lock
 from .losses import resolve_fused
 from .model_folders import link_checkpoint_model, merged_from_folders, save_adapter, save_model_folder
 from .precision import Precision, check_fsdp_has_cuda, mixed_precision
-from .profiling import StepProfiler
+from .profiling import StepProfiler, phase
 from .run_folder import ACCELERATE_STATE, ADAPTER, MODEL, RunFolder
 from .stages import (add_lora, count_targets, frozen_teacher, load_model, lora_input_casts_off, run_lora_config,
                      stage_loss_sum)
@@ -278,28 +278,31 @@ class Run:
 
     def train_step(self, stage, optimizer) -> dict:
         acc = self.accelerator
-        batches = self._my_batches()
+        with phase("data"):
+            batches = self._my_batches()
         counts = torch.stack([count_targets(b, stage) for b in batches]).sum().float()
         global_tokens = acc.reduce(counts, reduction="sum")
         scale = acc.num_processes / global_tokens.clamp_min(1)
         totals: dict[str, torch.Tensor] = {}
         with self.precision.backward_scope(self.model, stage):
             self._accumulate(batches, stage, scale, totals)
-        stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
+        with phase("wait_for_gpu"):  # the first value the host reads back: it waits for the queued work
+            stats = {k: (acc.reduce(v, reduction="sum") / global_tokens).item() for k, v in totals.items()}
         if not math.isfinite(stats["loss"]):
             raise RunStopped(self._nonfinite_message(stats["loss"]), exit_code=3)
         self.precision.drop_untrained_grads(self.model)
         lr = learning_rate(stage, self.state.stage_step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if self.config.optimizer.grad_clip:
-            # all parameters: the frozen ones have no gradient, and FSDP clips only over the whole model
-            norm = acc.clip_grad_norm_(list(self.model.parameters()), self.config.optimizer.grad_clip)
-            stats["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            if not math.isfinite(stats["grad_norm"]):
-                raise RunStopped(self._nonfinite_message(stats["grad_norm"], "gradient norm"), exit_code=3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            if self.config.optimizer.grad_clip:
+                # all parameters: the frozen ones have no gradient, and FSDP clips only over the whole model
+                norm = acc.clip_grad_norm_(list(self.model.parameters()), self.config.optimizer.grad_clip)
+                stats["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if not math.isfinite(stats["grad_norm"]):
+                    raise RunStopped(self._nonfinite_message(stats["grad_norm"], "gradient norm"), exit_code=3)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         input_tokens = acc.reduce(torch.tensor(float(sum((b["labels"] != -100).sum() for b in batches)),
                                                device=acc.device), reduction="sum")
         self.state.step += 1
@@ -319,7 +322,8 @@ class Run:
             with ctx, acc.autocast(), lora_input_casts_off(self.model):
                 loss_sum, parts = stage_loss_sum(self.model, batch, stage, self.teacher, self.fused,
                                                  self.config.loss.chunk_size, compiled=self.compile)
-                acc.backward(loss_sum * scale)
+                with phase("backward"):
+                    acc.backward(loss_sum * scale)
             for k, v in {"loss": loss_sum.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0) + v.float()
 

@@ -10,6 +10,7 @@ from ..errors import T2RError
 from ..models.modeling_t2r import T2RPreTrainedModel, causal_lm_loss, gsa_new_module, next_token_targets
 from .config import AttentionTransferStage, FinetuneStage, LoraConfig, ModelConfig
 from .losses import kl_sum, next_token_losses
+from .profiling import phase
 
 
 def gsa_modules_present(model) -> list[str]:
@@ -187,7 +188,8 @@ def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
     at a time (the same values); ``compiled``: 'chunked' compiles its chunks."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if isinstance(stage, AttentionTransferStage):
-        loss = model(**inputs, attention_transfer=True).loss
+        with phase("forward"):
+            loss = model(**inputs, attention_transfer=True).loss
         return loss, {"transfer_mse": loss.detach()}
     target = next_token_targets(batch["labels"], batch.get("cu_seqlens"))
     with_kl = stage.kl_weight > 0
@@ -196,25 +198,30 @@ def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
         return teacher.teacher_mode() if teacher is not None else teacher_weights(model)
 
     if fused == "off":
-        logits = model(**inputs, use_cache=False).logits.float()
-        ce = causal_lm_loss(logits, batch["labels"], batch.get("cu_seqlens"), reduction="sum")
+        with phase("forward"):
+            logits = model(**inputs, use_cache=False).logits.float()
         if with_kl:
-            with torch.no_grad(), teacher_context():
+            with torch.no_grad(), teacher_context(), phase("teacher_forward"):
                 teacher_logits = (teacher or model)(**inputs, use_cache=False).logits.float()
-            valid = (target != -100).reshape(-1)
-            vocab = logits.shape[-1]
-            kl = kl_sum(logits.reshape(-1, vocab)[valid], teacher_logits.reshape(-1, vocab)[valid],
-                        stage.kl_temperature)
+        with phase("losses"):
+            ce = causal_lm_loss(logits, batch["labels"], batch.get("cu_seqlens"), reduction="sum")
+            if with_kl:
+                valid = (target != -100).reshape(-1)
+                vocab = logits.shape[-1]
+                kl = kl_sum(logits.reshape(-1, vocab)[valid], teacher_logits.reshape(-1, vocab)[valid],
+                            stage.kl_temperature)
     else:
-        hidden, head = final_hidden(model, inputs)
+        with phase("forward"):
+            hidden, head = final_hidden(model, inputs)
         teacher_hidden = teacher_head = None
         if with_kl:
             # the teacher's lm_head is applied after its forward, outside teacher_context: neither
             # teacher mode nor disabled adapters touch it (LoRA never wraps lm_head)
-            with torch.no_grad(), teacher_context():
+            with torch.no_grad(), teacher_context(), phase("teacher_forward"):
                 teacher_hidden, teacher_head = final_hidden(teacher or model, inputs)
-        ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, stage.kl_temperature,
-                                   how=fused, chunk_size=chunk_size, compiled=compiled)
+        with phase("losses"):
+            ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, stage.kl_temperature,
+                                       how=fused, chunk_size=chunk_size, compiled=compiled)
     parts = {"ce": ce.detach()}
     loss = ce
     if with_kl:

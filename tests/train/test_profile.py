@@ -13,10 +13,17 @@ def test_profiled_steps_are_written_and_the_run_goes_on(tmp_path):
                          "logging.profile_steps=[2, 3]", "checkpoint.every_steps=100"))
     assert r.returncode == 0, r.stderr
     report = RunFolder(out).profile.read_text().splitlines()
-    assert report[0].startswith("steps 2..3 (2): ") and "ms wall per step" in report[0]
-    ops = [line.split(None, 3)[3] for line in report[2:]]
+    assert report[0].startswith("steps 2..3 (2): ") and report[0].endswith("ms wall per step")
+    wall = float(report[0].split()[3])
+    # step 2 is attention transfer, step 3 a finetune step with the teacher's KL: every phase ran
+    phases = dict(p.rsplit(" ", 1) for p in report[1].split(": ", 1)[1].split(", "))
+    assert set(phases) == {"data", "forward", "teacher_forward", "losses", "backward", "wait_for_gpu", "optimizer"}
+    assert 0 < float(phases["forward"]) and sum(map(float, phases.values())) <= wall * 1.05
+    assert report[2].startswith("CPU operators: ") and report[2].endswith("ms self time per step")
+    ops = [line.split(None, 3)[3] for line in report[4:]]
     assert len(ops) >= 10 and any(op.startswith("aten::") for op in ops)  # what the forward and backward ran
-    shares = [float(line.split()[0].rstrip("%")) for line in report[2:]]
+    assert not any(op.startswith("t2r.") for op in ops)  # the phases are not operators
+    shares = [float(line.split()[0].rstrip("%")) for line in report[4:]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # every step ran, the last after the profile ended
     assert RunFolder(out).model.is_dir()
