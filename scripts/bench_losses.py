@@ -1,6 +1,7 @@
 """Peak memory and time of the finetune losses (cross-entropy + KL to the teacher, forward and backward):
-the plain fp32-logits computation (loss.fused: off), the chunked torch one (chunked) and liger-kernel's
-fused linear kernels (liger, on CUDA when installed).
+the plain fp32-logits computation (loss.fused: off), the chunked torch one (chunked; compiled: its chunks
+under torch.compile, as with model.compile) and liger-kernel's fused linear kernels (liger, on CUDA when
+installed).
 
 SmolLM2-135M's shape by default: hidden 576, vocabulary 49152, 8 x 2048 tokens. As in a full finetune
 with its frozen teacher: the student's final hidden states (fp32) and lm_head (fp32, trained), the
@@ -68,10 +69,12 @@ def step(method, args, tensors):
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         if method == "plain":
             ce, kl = plain(hidden, head, target, teacher_hidden, teacher_head, args.temperature)
+            loss = ce + args.kl_weight * kl
         else:
-            ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, args.temperature,
-                                       how=method, chunk_size=args.chunk_size)
-        (ce + args.kl_weight * kl).backward()
+            loss, ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, args.temperature,
+                                             args.kl_weight, how="chunked" if method == "compiled" else method,
+                                             chunk_size=args.chunk_size, compiled=method == "compiled")
+        loss.backward()
     return ce.detach(), kl.detach()
 
 
@@ -113,7 +116,8 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl-weight", type=float, default=0.5)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--methods", default="plain,chunked,liger")
+    p.add_argument("--methods", default="plain,chunked,compiled,liger",
+                   help="comma-separated; compiled: chunked with its chunks under torch.compile (model.compile)")
     p.add_argument("--small", action="store_true", help="a CPU-sized shape: 2048 tokens, vocabulary 8192")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the results here")

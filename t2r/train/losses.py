@@ -6,11 +6,14 @@ copy, and the plain computation keeps several copies for the student and the tea
 output projection and both losses run a chunk of tokens at a time:
 
 - ``chunked`` (pure torch, any device): each chunk's logits are computed, reduced to its loss sums and
-  dropped; backward recomputes the chunk (``torch.utils.checkpoint``). The projection goes through the
-  model's own ``lm_head`` under the ambient autocast and the losses are taken in fp32, exactly as the
-  plain path computes them, so the values are the same up to the order of the sums. With
-  ``compiled`` (a run whose layers ``model.compile`` compiles) the chunk's work is one compiled
-  function: its softmaxes, the cross-entropy and the KL fuse into a few kernels, a few launches a chunk.
+  to the gradient of ``ce + kl_weight * kl`` with respect to the hidden states (and the head's weight
+  when it trains), then dropped: the backward only scales what the forward stored, as liger-kernel's
+  fused linear losses do, so no logits are recomputed. The projection runs in the dtype ``lm_head(h)``
+  computes in under the ambient autocast and the losses in fp32, with the gradients' casts of autograd,
+  so the values are the plain path's up to the order of the sums. With ``compiled`` (a run whose layers
+  ``model.compile`` compiles) a chunk's work is one compiled function: its softmaxes, both losses and
+  their gradient fuse into a few kernels between the matmuls. A head that is not a plain ``nn.Linear``
+  (wrapped) is applied as a module a chunk at a time under ``torch.utils.checkpoint`` instead.
 - ``liger``: liger-kernel's fused linear cross-entropy and fused linear JSD with ``beta=0`` (which is
   the forward KL, KL(teacher || student), the loss the plain path computes) on CUDA.
 - ``off``: the plain computation over the model's full logits (``stage_loss_sum`` does it).
@@ -80,32 +83,136 @@ def resolve_fused(choice: str, device, sharded: bool = False) -> tuple[str, str]
 
 def next_token_losses(hidden: torch.Tensor, head: nn.Module, target: torch.Tensor,
                       teacher_hidden: torch.Tensor | None = None, teacher_head: nn.Module | None = None,
-                      temperature: float = 1.0, how: str = "chunked", chunk_size: int = 1024,
-                      compiled: bool = False):
-    """(cross-entropy sum, KL sum or None) over the positions whose ``target`` is not -100.
+                      temperature: float = 1.0, kl_weight: float = 1.0, how: str = "chunked",
+                      chunk_size: int = 1024, compiled: bool = False):
+    """(``ce + kl_weight * kl``, cross-entropy sum, KL sum or None) over the positions whose ``target``
+    is not -100; the first carries the gradients, the other two are for logging.
 
     ``hidden`` [..., D]: the student's final hidden states (what ``head``, its ``lm_head``, takes);
     ``target`` [...]: the token each position predicts. With ``teacher_hidden`` (computed without
     gradients) and ``teacher_head``, the KL to the teacher too. ``how``: 'chunked' or 'liger';
     ``compiled``: the chunked path's chunks run ``torch.compile``'d.
     """
+    if how not in ("chunked", "liger"):
+        raise ValueError(f"how must be 'chunked' or 'liger', got {how!r}")
     valid = (target != -100).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])[valid]
     y = target.reshape(-1)[valid]
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid].detach() if teacher_hidden is not None else None
-    if how == "liger" and h.shape[0] > 0 and _plain_linear(head) and (th is None or _plain_linear(teacher_head)):
-        return _liger_losses(h, head, y, th, teacher_head, temperature)
-    if how not in ("chunked", "liger"):
-        raise ValueError(f"how must be 'chunked' or 'liger', got {how!r}")
-    return _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size,
-                           _compiled_chunk() if compiled else _chunk)
+    plain = _plain_linear(head) and (th is None or _plain_linear(teacher_head))
+    if how == "liger" and h.shape[0] > 0 and plain and head.bias is None and (th is None or teacher_head.bias is None):
+        ce, kl = _liger_losses(h, head, y, th, teacher_head, temperature)
+        return (ce if kl is None else ce + kl_weight * kl), ce.detach(), (None if kl is None else kl.detach())
+    if plain:
+        return _fused_linear_losses(h, head, y, th, teacher_head, temperature, kl_weight, chunk_size, compiled)
+    ce, kl = _checkpointed_losses(h, head, y, th, teacher_head, temperature, chunk_size)
+    return (ce if kl is None else ce + kl_weight * kl), ce.detach(), (None if kl is None else kl.detach())
 
 
 def _plain_linear(head) -> bool:
-    # what the liger kernels fuse (a wrapped head, or one with a bias, goes the chunked way)
-    return type(head) is nn.Linear and head.bias is None
+    """What the fused paths take apart (weight and bias); a wrapped head goes the checkpointed way."""
+    return type(head) is nn.Linear
 
 
+# -- chunked, a plain nn.Linear head: each chunk's gradient taken in the forward -----------------------
+def _chunk_losses(h, w, b, y, th, tw, tb, temperature: float, kl_weight: float, grads: bool):
+    """One chunk: (ce sum, KL sum or None, d(ce + kl_weight * KL)/d logits in the projection's dtype, or
+    None without ``grads``). ``h``, ``w``, ``b`` (bias or None) are in the projection's dtype; the
+    logits are taken in fp32 from there, as ``lm_head(h).float()`` under autocast."""
+    logits = F.linear(h, w, b).float()
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    ce = (lse - logits.gather(1, y[:, None])).sum()
+    kl = None
+    if th is not None:
+        t = temperature
+        log_q = F.log_softmax(logits / t, -1)
+        log_p = F.log_softmax(F.linear(th, tw, tb).float() / t, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum() * t * t
+    if not grads:
+        return ce, kl, None
+    # d ce / d logits = softmax - onehot(y); d (t^2 KL(p || softmax(logits / t))) / d logits = t (q - p)
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    g = (logits - lse).exp() - (vocab == y[:, None]).float()  # pointwise, so it fuses (unlike a scatter)
+    if th is not None:
+        g = g + (kl_weight * temperature) * (log_q.exp() - log_p.exp())
+    return ce, kl, g.to(h.dtype)
+
+
+def _chunk_and_grads(h, w, b, y, th, tw, tb, temperature, kl_weight, grad_w: bool):
+    """A chunk's losses and its gradients: (ce, kl, d/dh, d/dw or None, d/db or None), the last two
+    in the projection's dtype as autograd's matmuls give them."""
+    ce, kl, g = _chunk_losses(h, w, b, y, th, tw, tb, temperature, kl_weight, True)
+    return ce, kl, g @ w, (g.t() @ h if grad_w else None), (g.sum(0) if grad_w and b is not None else None)
+
+
+@functools.cache
+def _compiled(fn):
+    """``fn`` under ``torch.compile``, made once a process (dynamo caches its variants: a chunk's row
+    count, with and without the teacher)."""
+    return torch.compile(fn)
+
+
+class _FusedLinearLosses(torch.autograd.Function):
+    """``ce + kl_weight * kl`` over chunks of rows of ``h`` through ``w`` and ``b`` (the head's own
+    parameters, cast to ``dtype`` inside); their gradients are taken chunk by chunk in the forward and
+    kept: ``h``'s (N x D), and when the head trains, its parameters' summed in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, th, tw, tb, temperature, kl_weight, chunk_size, compiled, dtype):
+        grad_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        step = _compiled(_chunk_and_grads) if compiled else _chunk_and_grads
+        x, wc, bc = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        ce = h.new_zeros((), dtype=torch.float32)
+        kl = ce.clone() if th is not None else None
+        dh = torch.empty_like(h)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grad_w else None
+        db = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if grad_w and b is not None else None
+        for s in range(0, h.shape[0], chunk_size):
+            e = s + chunk_size
+            c_ce, c_kl, c_dh, c_dw, c_db = step(x[s:e], wc, bc, y[s:e], None if th is None else th[s:e], tw, tb,
+                                                temperature, kl_weight, grad_w)
+            dh[s:e] = c_dh
+            ce += c_ce
+            if kl is not None:
+                kl += c_kl
+            if grad_w:  # the chunks' gradients summed in fp32
+                dw += c_dw
+                if db is not None:
+                    db += c_db
+        ctx.save_for_backward(dh, dw, db)
+        loss = ce if kl is None else ce + kl_weight * kl
+        ctx.mark_non_differentiable(ce, *([kl] if kl is not None else []))
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        dh, dw, db = ctx.saved_tensors
+        scaled = [None if d is None else (d * g).to(d.dtype) for d in (dh, dw, db)]
+        return (*scaled,) + (None,) * 9
+
+
+def _fused_linear_losses(h, head, y, th, teacher_head, temperature, kl_weight, chunk_size, compiled):
+    dtype = _compute_dtype(h, head.weight)
+    w, b = head.weight, head.bias
+    tx = tw = tb = None
+    if th is not None:
+        t_dtype = _compute_dtype(th, teacher_head.weight)  # the teacher's own, as teacher_head(th) computes
+        tx, tw = th.to(t_dtype), teacher_head.weight.detach().to(t_dtype)
+        tb = None if teacher_head.bias is None else teacher_head.bias.detach().to(t_dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
+            return _FusedLinearLosses.apply(h, w, b, y, tx, tw, tb, temperature, kl_weight, chunk_size, compiled,
+                                            dtype)
+        step = _compiled(_chunk_losses) if compiled else _chunk_losses
+        x, wc, bc = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        parts = [step(x[s:s + chunk_size], wc, bc, y[s:s + chunk_size], None if tx is None else tx[s:s + chunk_size],
+                      tw, tb, temperature, kl_weight, False) for s in range(0, max(x.shape[0], 1), chunk_size)]
+    ce = sum(p[0] for p in parts)
+    kl = None if tx is None else sum(p[1] for p in parts)
+    return (ce if kl is None else ce + kl_weight * kl), ce, kl
+
+
+# -- chunked, any other head: each chunk checkpointed through the module ------------------------------
 def _chunk(head, teacher_head, temperature, h, y, th=None):
     logits = head(h).float()
     ce = F.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
@@ -116,15 +223,8 @@ def _chunk(head, teacher_head, temperature, h, y, th=None):
     return ce, kl_sum(logits, teacher_logits, temperature)
 
 
-@functools.cache
-def _compiled_chunk():
-    """``_chunk`` under ``torch.compile``, made once a process (its compiled variants are cached by
-    dynamo: a chunk's row count, with and without the teacher, training or not)."""
-    return torch.compile(_chunk)
-
-
-def _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size, chunk_fn=_chunk):
-    """Chunks of ``chunk_size`` rows, each through ``chunk_fn``; with gradients on, each chunk is
+def _checkpointed_losses(h, head, y, th, teacher_head, temperature, chunk_size):
+    """Chunks of ``chunk_size`` rows through the head module; with gradients on, each chunk is
     checkpointed (its logits are recomputed in backward instead of kept). No rows: one empty chunk,
     so the zero loss still reaches every parameter of the graph (what the plain path and DDP expect)."""
     n = h.shape[0]
@@ -133,10 +233,10 @@ def _chunked_losses(h, head, y, th, teacher_head, temperature, chunk_size, chunk
     for s in starts:
         args = (h[s:s + chunk_size], y[s:s + chunk_size]) + ((th[s:s + chunk_size],) if th is not None else ())
         if torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(chunk_fn, head, teacher_head, temperature, *args,
+            out = torch.utils.checkpoint.checkpoint(_chunk, head, teacher_head, temperature, *args,
                                                     use_reentrant=False, preserve_rng_state=False)
         else:
-            out = chunk_fn(head, teacher_head, temperature, *args)
+            out = _chunk(head, teacher_head, temperature, *args)
         ce = out[0] if ce is None else ce + out[0]
         if th is not None:
             kl = out[1] if kl is None else kl + out[1]

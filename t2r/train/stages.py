@@ -210,6 +210,7 @@ def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
                 vocab = logits.shape[-1]
                 kl = kl_sum(logits.reshape(-1, vocab)[valid], teacher_logits.reshape(-1, vocab)[valid],
                             stage.kl_temperature)
+            loss = ce if not with_kl else ce + stage.kl_weight * kl
     else:
         with phase("forward"):
             hidden, head = final_hidden(model, inputs)
@@ -220,11 +221,7 @@ def stage_loss_sum(model, batch: dict, stage, teacher=None, fused: str = "off",
             with torch.no_grad(), teacher_context(), phase("teacher_forward"):
                 teacher_hidden, teacher_head = final_hidden(teacher or model, inputs)
         with phase("losses"):
-            ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head, stage.kl_temperature,
-                                       how=fused, chunk_size=chunk_size, compiled=compiled)
-    parts = {"ce": ce.detach()}
-    loss = ce
-    if with_kl:
-        parts["kl"] = kl.detach()
-        loss = loss + stage.kl_weight * kl
-    return loss, parts
+            loss, ce, kl = next_token_losses(hidden, head, target, teacher_hidden, teacher_head,
+                                             stage.kl_temperature, stage.kl_weight, how=fused, chunk_size=chunk_size,
+                                             compiled=compiled)
+    return loss, ({"ce": ce.detach(), "kl": kl.detach()} if with_kl else {"ce": ce.detach()})

@@ -52,11 +52,16 @@ def problem(B=3, T=37, seed=0):
     return hidden, head, target, teacher_hidden, teacher_head
 
 
-def losses_and_grads(fn, hidden, head, *rest, weights=(1.0, 0.5)):
+KL_WEIGHT = 0.5
+
+
+def losses_and_grads(fn, hidden, head, *rest):
+    """``fn``'s (ce, kl) or (ce + KL_WEIGHT * kl, ce, kl), and the gradients of ce + KL_WEIGHT * kl."""
     hidden = hidden.detach().requires_grad_()
     head.zero_grad(set_to_none=True)
-    ce, kl = fn(hidden, head, *rest)
-    (weights[0] * ce + weights[1] * kl).backward()
+    out = fn(hidden, head, *rest)
+    loss, ce, kl = out if len(out) == 3 else (out[0] + KL_WEIGHT * out[1], *out)
+    loss.backward()
     return ce.detach(), kl.detach(), hidden.grad, head.weight.grad.clone()
 
 
@@ -72,12 +77,59 @@ def test_chunked_gives_the_plain_losses_and_gradients(chunk_size, temperature):
     ref = losses_and_grads(plain_losses, hidden, head, target, th, thead, temperature)
 
     def chunked(h, hd, y, th_, thd, t):
-        return next_token_losses(h, hd, y, th_, thd, t, how="chunked", chunk_size=chunk_size)
+        return next_token_losses(h, hd, y, th_, thd, t, KL_WEIGHT, how="chunked", chunk_size=chunk_size)
 
     got = losses_and_grads(chunked, hidden, head, target, th, thead, temperature)
     for a, b in zip(got, ref):
         assert_close(a, b)
     assert got[2][1].abs().max() == 0 and got[2][:, -1].abs().max() == 0  # no target, no gradient
+
+
+def test_chunked_backward_recomputes_no_logits():
+    """The chunked path takes each chunk's gradient in its forward: its backward runs no matmul (the
+    plain path's runs two), and its losses and gradients are the plain ones."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, head, target, th, thead = problem()
+    flops = {}
+    for name, fn in (("plain", plain_losses),
+                     ("chunked", lambda *a: next_token_losses(*a, KL_WEIGHT, chunk_size=16)[0])):
+        h = hidden.detach().requires_grad_()
+        out = fn(h, head, target, th, thead, 1.0)
+        loss = out if name == "chunked" else out[0] + KL_WEIGHT * out[1]
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        flops[name] = counter.get_total_flops()
+    assert flops["plain"] > 0 and flops["chunked"] == 0
+
+
+@pytest.mark.parametrize("head_kind", ["bias", "wrapped", "bf16-teacher"])
+def test_chunked_with_other_heads(head_kind):
+    """A head with a bias (fused: its gradient summed over chunks), one wrapped in another module
+    (each chunk checkpointed through it), and a bf16 teacher beside an fp32 student (its logits in
+    bf16, as teacher_head(th) gives them) give the plain losses and gradients too."""
+    hidden, head, target, th, thead = problem()
+    if head_kind == "bf16-teacher":
+        thead, th = thead.to(torch.bfloat16), th.to(torch.bfloat16)
+    biased = torch.nn.Linear(D, V, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.normal_(0, 0.5)
+    student = {"bias": biased, "wrapped": torch.nn.Sequential(head)}.get(head_kind, head)
+    ref_h, ref_w = {}, {}
+    for name, fn in (("plain", plain_losses),
+                     ("chunked", lambda *a: next_token_losses(*a, KL_WEIGHT, chunk_size=16))):
+        h = hidden.detach().requires_grad_()
+        student.zero_grad(set_to_none=True)
+        out = fn(h, student, target, th, thead, 1.5)
+        loss, ce, kl = out if len(out) == 3 else (out[0] + KL_WEIGHT * out[1], *out)
+        loss.backward()
+        ref_h[name] = (ce.detach(), kl.detach(), h.grad)
+        ref_w[name] = [p.grad.clone() for p in student.parameters()]
+    for a, b in zip(ref_h["chunked"], ref_h["plain"]):
+        assert_close(a, b)
+    for a, b in zip(ref_w["chunked"], ref_w["plain"]):
+        assert_close(a, b)
 
 
 def test_compiled_chunks_give_the_plain_losses_and_gradients():
@@ -87,26 +139,27 @@ def test_compiled_chunks_give_the_plain_losses_and_gradients():
     ref = losses_and_grads(plain_losses, hidden, head, target, th, thead, 2.0)
 
     def compiled(h, hd, y, th_, thd, t):
-        return next_token_losses(h, hd, y, th_, thd, t, how="chunked", chunk_size=16, compiled=True)
+        return next_token_losses(h, hd, y, th_, thd, t, KL_WEIGHT, how="chunked", chunk_size=16, compiled=True)
 
     got = losses_and_grads(compiled, hidden, head, target, th, thead, 2.0)
     for a, b in zip(got, ref):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
     none = torch.full_like(target, -100)
-    ce, kl = compiled(hidden, head, none, th, thead, 2.0)
-    assert ce.item() == 0 and kl.item() == 0
+    loss, ce, kl = compiled(hidden, head, none, th, thead, 2.0)
+    assert loss.item() == 0 and ce.item() == 0 and kl.item() == 0
 
 
 def test_chunked_without_teacher_and_without_targets():
     hidden, head, target, th, thead = problem(B=2, T=9)
-    ce, kl = next_token_losses(hidden, head, target, chunk_size=4)
+    loss, ce, kl = next_token_losses(hidden, head, target, chunk_size=4)
     ref = F.cross_entropy(head(hidden).reshape(-1, V), target.reshape(-1), ignore_index=-100, reduction="sum")
     assert kl is None
     assert_close(ce, ref)
+    assert_close(loss, ref)
     # no target anywhere: zero losses that still backpropagate (zero gradients reach every parameter)
     none = torch.full_like(target, -100)
-    ce, kl = next_token_losses(hidden, head, none, th, thead, chunk_size=4)
-    (ce + kl).backward()
+    loss, ce, kl = next_token_losses(hidden, head, none, th, thead, chunk_size=4)
+    loss.backward()
     assert ce.item() == 0 and kl.item() == 0
     assert hidden.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
 
@@ -117,7 +170,8 @@ def test_chunked_follows_autocast_like_the_plain_path():
     hidden, head, target, th, thead = problem()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = losses_and_grads(plain_losses, hidden, head, target, th, thead, 1.0)
-        got = losses_and_grads(lambda *a: next_token_losses(*a, chunk_size=16), hidden, head, target, th, thead, 1.0)
+        got = losses_and_grads(lambda *a: next_token_losses(*a, KL_WEIGHT, chunk_size=16), hidden, head, target, th,
+                               thead, 1.0)
     for a, b in zip(got[:2], ref[:2]):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(got[2:], ref[2:]):  # bf16 products: they differ by bf16 roundings (2**-8 = 3.9e-3)
@@ -205,16 +259,17 @@ LIGER_CHECK = textwrap.dedent("""
     import sys
     import torch
     from t2r.train.losses import liger_losses_module, next_token_losses
-    from tests.train.test_losses import losses_and_grads, problem
+    from tests.train.test_losses import KL_WEIGHT, losses_and_grads, problem
     classes, why = liger_losses_module()
     if classes is None:
         print(why)
         sys.exit(77)
     hidden, head, target, th, thead = problem(T=21)
     for t in (1.0, 2.0):
-        ref = losses_and_grads(lambda *a: next_token_losses(*a, how="chunked", chunk_size=8),
+        ref = losses_and_grads(lambda *a: next_token_losses(*a, KL_WEIGHT, how="chunked", chunk_size=8),
                                hidden, head, target, th, thead, t)
-        got = losses_and_grads(lambda *a: next_token_losses(*a, how="liger"), hidden, head, target, th, thead, t)
+        got = losses_and_grads(lambda *a: next_token_losses(*a, KL_WEIGHT, how="liger"), hidden, head, target, th,
+                               thead, t)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     print("liger matches")
