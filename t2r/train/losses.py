@@ -192,6 +192,9 @@ class _FusedLinearLosses(torch.autograd.Function):
 
 
 def _fused_linear_losses(h, head, y, th, teacher_head, temperature, kl_weight, chunk_size, compiled):
+    """The chunked path for a plain ``nn.Linear`` head: (ce + kl_weight * kl, ce, kl). The student's
+    projection in the dtype ``head(h)`` computes in, the teacher's in its own; with nothing to
+    differentiate (evaluation, or no gradient wanted), the losses alone."""
     dtype = _compute_dtype(h, head.weight)
     w, b = head.weight, head.bias
     tx = tw = tb = None
