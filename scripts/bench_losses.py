@@ -11,7 +11,8 @@ plain ones before it is timed.
     python scripts/bench_losses.py                          # on a GPU
     python scripts/bench_losses.py --small                  # on a CPU: 2048 tokens, vocabulary 8192
 
-Memory is the peak above what was allocated before the first step (so it counts the gradients too;
+GFLOP: the matmul work of one forward and backward (torch.utils.flop_counter; not counted for
+compiled, whose matmuls are chunked's). Memory is the peak above what was allocated before the first step (so it counts the gradients too;
 CUDA: the caching allocator's peak; CPU: the growth of the process's peak resident size, each method
 in a fresh process with glibc's MALLOC_MMAP_THRESHOLD_ lowered, which slows it). Time is the
 median of --repeat steps after one warm-up.
@@ -102,8 +103,15 @@ def measure(method, args, device) -> dict:
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    flops = None
+    if method != "compiled":  # compiled code calls its matmuls past the dispatcher, so it would count none
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # one more step, untimed: its matmuls' work
+            step(method, args, tensors)
+        flops = counter.get_total_flops()
     return {"method": method, "ce": ce.item(), "kl": kl.item(), "peak_gib": peak / 2**30,
-            "ms": 1e3 * statistics.median(times), "grads": grads}
+            "ms": 1e3 * statistics.median(times), "gflop": None if flops is None else flops / 1e9, "grads": grads}
 
 
 def main():
@@ -151,11 +159,13 @@ def main():
             r = torch.load(io.BytesIO(out), weights_only=False)
         results.append(r)
     ref = results[0]
-    print(f"{'method':8} {'peak GiB':>9} {'ms/step':>9} {'ce':>14} {'kl':>12} {'d(grad h)':>10} {'d(grad W)':>10}")
+    print(f"{'method':8} {'peak GiB':>9} {'ms/step':>9} {'GFLOP':>8} {'ce':>14} {'kl':>12} {'d(grad h)':>10} "
+          f"{'d(grad W)':>10}")
     for r in results:
         dh, dw = (float((a.float() - b.float()).norm() / b.float().norm())
                   for a, b in zip(r["grads"], ref["grads"]))
-        print(f"{r['method']:8} {r['peak_gib']:9.3f} {r['ms']:9.1f} {r['ce']:14.4f} {r['kl']:12.6f} "
+        gflop = "-" if r["gflop"] is None else f"{r['gflop']:.1f}"
+        print(f"{r['method']:8} {r['peak_gib']:9.3f} {r['ms']:9.1f} {gflop:>8} {r['ce']:14.4f} {r['kl']:12.6f} "
               f"{dh:10.2e} {dw:10.2e}")
         r.update(rel_grad_hidden=dh, rel_grad_head=dw)
     if args.json:

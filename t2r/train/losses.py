@@ -101,11 +101,14 @@ def next_token_losses(hidden: torch.Tensor, head: nn.Module, target: torch.Tenso
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[valid].detach() if teacher_hidden is not None else None
     plain = _plain_linear(head) and (th is None or _plain_linear(teacher_head))
     if how == "liger" and h.shape[0] > 0 and plain and head.bias is None and (th is None or teacher_head.bias is None):
-        ce, kl = _liger_losses(h, head, y, th, teacher_head, temperature)
-        return (ce if kl is None else ce + kl_weight * kl), ce.detach(), (None if kl is None else kl.detach())
+        return _with_total(*_liger_losses(h, head, y, th, teacher_head, temperature), kl_weight)
     if plain:
         return _fused_linear_losses(h, head, y, th, teacher_head, temperature, kl_weight, chunk_size, compiled)
-    ce, kl = _checkpointed_losses(h, head, y, th, teacher_head, temperature, chunk_size)
+    return _with_total(*_checkpointed_losses(h, head, y, th, teacher_head, temperature, chunk_size), kl_weight)
+
+
+def _with_total(ce, kl, kl_weight):
+    """(ce + kl_weight * kl, with the gradients; ce and kl for logging)."""
     return (ce if kl is None else ce + kl_weight * kl), ce.detach(), (None if kl is None else kl.detach())
 
 
@@ -210,9 +213,7 @@ def _fused_linear_losses(h, head, y, th, teacher_head, temperature, kl_weight, c
         x, wc, bc = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
         parts = [step(x[s:s + chunk_size], wc, bc, y[s:s + chunk_size], None if tx is None else tx[s:s + chunk_size],
                       tw, tb, temperature, kl_weight, False) for s in range(0, max(x.shape[0], 1), chunk_size)]
-    ce = sum(p[0] for p in parts)
-    kl = None if tx is None else sum(p[1] for p in parts)
-    return (ce if kl is None else ce + kl_weight * kl), ce, kl
+    return _with_total(sum(p[0] for p in parts), None if tx is None else sum(p[1] for p in parts), kl_weight)
 
 
 # -- chunked, any other head: each chunk checkpointed through the module ------------------------------

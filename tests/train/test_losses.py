@@ -164,6 +164,18 @@ def test_chunked_without_teacher_and_without_targets():
     assert hidden.grad.abs().max() == 0 and head.weight.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_without_gradients_gives_the_same_losses(compiled):
+    """Under no_grad (evaluation) the chunks compute the losses alone: the same values."""
+    hidden, head, target, th, thead = problem()
+    loss, ce, kl = next_token_losses(hidden, head, target, th, thead, 1.5, KL_WEIGHT, chunk_size=16, compiled=compiled)
+    with torch.no_grad():
+        got = next_token_losses(hidden, head, target, th, thead, 1.5, KL_WEIGHT, chunk_size=16, compiled=compiled)
+    assert got[0].grad_fn is None
+    for a, b in zip(got, (loss, ce, kl)):
+        assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_follows_autocast_like_the_plain_path():
     """Under bf16 autocast the projection runs in bf16 in both (the plain path's lm_head(h)), the
     losses in fp32."""
