@@ -12,10 +12,10 @@ plain ones before it is timed.
     python scripts/bench_losses.py --small                  # on a CPU: 2048 tokens, vocabulary 8192
 
 GFLOP: the matmul work of one forward and backward (torch.utils.flop_counter; not counted for
-compiled, whose matmuls are chunked's). Memory is the peak above what was allocated before the first step (so it counts the gradients too;
-CUDA: the caching allocator's peak; CPU: the growth of the process's peak resident size, each method
-in a fresh process with glibc's MALLOC_MMAP_THRESHOLD_ lowered, which slows it). Time is the
-median of --repeat steps after one warm-up.
+compiled, whose matmuls are chunked's). Memory is the peak above what was allocated before the first
+step (so it counts the gradients too; CUDA: the caching allocator's peak; CPU: the growth of the
+process's peak resident size, each method in a fresh process with glibc's MALLOC_MMAP_THRESHOLD_
+lowered, which slows it). Time is the median of --repeat steps after one warm-up.
 """
 from __future__ import annotations
 

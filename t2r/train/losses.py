@@ -141,18 +141,46 @@ def _chunk_losses(h, w, b, y, th, tw, tb, temperature: float, kl_weight: float, 
     return ce, kl, g.to(h.dtype)
 
 
-def _chunk_and_grads(h, w, b, y, th, tw, tb, temperature, kl_weight, grad_w: bool):
-    """A chunk's losses and its gradients: (ce, kl, d/dh, d/dw or None, d/db or None), the last two
-    in the projection's dtype as autograd's matmuls give them."""
-    ce, kl, g = _chunk_losses(h, w, b, y, th, tw, tb, temperature, kl_weight, True)
-    return ce, kl, g @ w, (g.t() @ h if grad_w else None), (g.sum(0) if grad_w and b is not None else None)
+def _chunk_and_grads(h, w, b, y, th, tw, tb, temperature, kl_weight, grad_h: bool, grad_w: bool):
+    """A chunk's losses and the gradients asked for: (ce, kl, d/dh, d/dw, d/db), each gradient None
+    when not asked for (or no bias), in the projection's dtype as autograd's matmuls give them."""
+    ce, kl, g = _chunk_losses(h, w, b, y, th, tw, tb, temperature, kl_weight, grad_h or grad_w)
+    return (ce, kl, g @ w if grad_h else None, g.t() @ h if grad_w else None,
+            g.sum(0) if grad_w and b is not None else None)
 
 
 @functools.cache
 def _compiled(fn):
     """``fn`` under ``torch.compile``, made once a process (dynamo caches its variants: a chunk's row
-    count, with and without the teacher)."""
+    count, with and without the teacher, which gradients)."""
     return torch.compile(fn)
+
+
+def _chunk_sums(h, w, b, y, th, tw, tb, temperature, kl_weight, chunk_size, compiled, dtype, grad_h, grad_w):
+    """(ce, kl or None, d/dh, d/dw, d/db) over chunks of ``chunk_size`` rows: the losses summed in fp32;
+    ``h``'s gradient in its dtype (with ``grad_h``), the head's summed in fp32 (with ``grad_w``), else None.
+    ``h``, ``w``, ``b`` are cast to ``dtype`` here; the teacher's ``th``, ``tw``, ``tb`` come cast."""
+    step = _compiled(_chunk_and_grads) if compiled else _chunk_and_grads
+    x, wc, bc = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    ce = h.new_zeros((), dtype=torch.float32)
+    kl = ce.clone() if th is not None else None
+    dh = torch.empty_like(h) if grad_h else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grad_w else None
+    db = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if grad_w and b is not None else None
+    for s in range(0, h.shape[0], chunk_size):
+        e = s + chunk_size
+        c_ce, c_kl, c_dh, c_dw, c_db = step(x[s:e], wc, bc, y[s:e], None if th is None else th[s:e], tw, tb,
+                                            temperature, kl_weight, grad_h, grad_w)
+        ce += c_ce
+        if kl is not None:
+            kl += c_kl
+        if grad_h:
+            dh[s:e] = c_dh
+        if grad_w:
+            dw += c_dw
+            if db is not None:
+                db += c_db
+    return ce, kl, dh, dw, db
 
 
 class _FusedLinearLosses(torch.autograd.Function):
@@ -163,25 +191,8 @@ class _FusedLinearLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, y, th, tw, tb, temperature, kl_weight, chunk_size, compiled, dtype):
         grad_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        step = _compiled(_chunk_and_grads) if compiled else _chunk_and_grads
-        x, wc, bc = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        ce = h.new_zeros((), dtype=torch.float32)
-        kl = ce.clone() if th is not None else None
-        dh = torch.empty_like(h)
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grad_w else None
-        db = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if grad_w and b is not None else None
-        for s in range(0, h.shape[0], chunk_size):
-            e = s + chunk_size
-            c_ce, c_kl, c_dh, c_dw, c_db = step(x[s:e], wc, bc, y[s:e], None if th is None else th[s:e], tw, tb,
-                                                temperature, kl_weight, grad_w)
-            dh[s:e] = c_dh
-            ce += c_ce
-            if kl is not None:
-                kl += c_kl
-            if grad_w:  # the chunks' gradients summed in fp32
-                dw += c_dw
-                if db is not None:
-                    db += c_db
+        ce, kl, dh, dw, db = _chunk_sums(h, w, b, y, th, tw, tb, temperature, kl_weight, chunk_size, compiled, dtype,
+                                         True, grad_w)
         ctx.save_for_backward(dh, dw, db)
         loss = ce if kl is None else ce + kl_weight * kl
         ctx.mark_non_differentiable(ce, *([kl] if kl is not None else []))
@@ -209,11 +220,9 @@ def _fused_linear_losses(h, head, y, th, teacher_head, temperature, kl_weight, c
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
             return _FusedLinearLosses.apply(h, w, b, y, tx, tw, tb, temperature, kl_weight, chunk_size, compiled,
                                             dtype)
-        step = _compiled(_chunk_losses) if compiled else _chunk_losses
-        x, wc, bc = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        parts = [step(x[s:s + chunk_size], wc, bc, y[s:s + chunk_size], None if tx is None else tx[s:s + chunk_size],
-                      tw, tb, temperature, kl_weight, False) for s in range(0, max(x.shape[0], 1), chunk_size)]
-    return _with_total(sum(p[0] for p in parts), None if tx is None else sum(p[1] for p in parts), kl_weight)
+        ce, kl, *_ = _chunk_sums(h, w, b, y, tx, tw, tb, temperature, kl_weight, chunk_size, compiled, dtype,
+                                 False, False)
+    return _with_total(ce, kl, kl_weight)
 
 
 # -- chunked, any other head: each chunk checkpointed through the module ------------------------------
